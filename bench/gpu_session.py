@@ -1,0 +1,165 @@
+"""Every GPU figure of training and of the shipped weights, in one unattended run.
+
+    python3 -m bench.gpu_session --tarball .device-data/cifar10-jpg.tar.gz --out "$OUT"
+
+In order of importance, skipping optional steps once --budget-s is spent:
+1. recipe `fast` (target <= 30 s, >= 87.5% test); if it misses, one more try with as many
+   epochs as fit in 30 s at the measured epoch time, and label smoothing 0.2;
+2. recipe `seed`, 20 epochs (target <= 40 s, >= 78% test);
+3. export of the best `fast` run to OUT/weights (int8 artifact), with its test accuracy;
+4. bench.train_speed: the notebook's pipeline against ours (table);
+OUT/results.tgz (rewritten after every step): logs, summaries, metrics and figures of every run.
+Each step is a subprocess; a failed step is logged and the rest still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+FAST_SECONDS, FAST_ACC = 30.0, 87.5
+
+
+def run(cmd: list[str], log: Path) -> tuple[int, float]:
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        try:
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        except OSError as exc:  # a missing tool must not stop the session
+            f.write(f"# cannot start: {exc}\n")
+            print(f"# cannot start: {exc}", flush=True)
+            return 127, 0.0
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        code = proc.wait()
+        wall = time.perf_counter() - start
+        f.write(f"# exit {code}, wall {wall:.1f} s\n")
+    print(f"# exit {code}, wall {wall:.1f} s", flush=True)
+    return code, wall
+
+
+EXTRA: list[str] = []  # --device and --smoke flags, appended to every training command
+
+
+def train(name: str, args: list[str], data: Path, work: Path, logs: Path) -> dict | None:
+    out = work / "runs" / name
+    cmd = [sys.executable, "-m", "training.run", "--data-dir", str(data), "--out-dir", str(out)]
+    cmd += [*args, *EXTRA]
+    code, wall = run(cmd, logs / f"run-{name}.txt")
+    if code != 0:
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    summary["process_wall_s"] = wall
+    summary["name"] = name
+    summary["command"] = "python -m training.run " + shlex.join(args)
+    (logs / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
+    print(f"== {name}: test {summary['test']['accuracy']:.2f}%, train {summary['train_seconds']:.1f} s, "
+          f"process {wall:.1f} s", flush=True)  # fmt: skip
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tarball", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/alexnet-gpu"))
+    parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=240, help="skip optional steps past this")
+    parser.add_argument("--device", default="cuda", help="cpu, with --smoke, to try this script")
+    parser.add_argument("--smoke", default="", help="extra training flags for a quick CPU try")
+    args = parser.parse_args()
+    work, out = args.work, args.out
+    EXTRA.extend(["--device", args.device, *shlex.split(args.smoke)])
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tarfile.open(args.tarball) as tar:
+        tar.extractall(work, filter="data")
+    data = work / "cifar10"
+    print(f"unpacked in {time.perf_counter() - t0:.1f} s", flush=True)
+    run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+        logs / "device.txt",
+    )
+    run([sys.executable, "-c", "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"],
+        logs / "versions.txt")  # fmt: skip
+
+    def pack() -> None:  # after every step, so a timeout still returns what was measured
+        with tarfile.open(out / "results.tgz", "w:gz") as tar:
+            tar.add(logs, arcname="logs")
+            for run_dir in sorted((work / "runs").glob("*")):
+                for name in ("summary.json", "metrics.jsonl", "curves.png", "confusion.png"):
+                    if (run_dir / name).exists():
+                        tar.add(run_dir / name, arcname=f"runs/{run_dir.name}/{name}")
+
+    def time_left() -> float:
+        return args.budget_s - (time.perf_counter() - t0)
+
+    summaries = []
+    fast = train("fast", ["--recipe", "fast"], data, work, logs)
+    if fast is None:
+        fast = train("fast-eager", ["--recipe", "fast", "--no-cuda-graphs"], data, work, logs)
+    summaries += [fast] if fast else []
+    pack()
+    if fast is not None and not (
+        fast["test"]["accuracy"] >= FAST_ACC and fast["train_seconds"] <= FAST_SECONDS
+    ):
+        metrics = [
+            json.loads(line)
+            for line in (work / "runs" / fast["name"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        per_epoch = sorted(m["epoch_s"] for m in metrics)[len(metrics) // 2]
+        setup = fast["train_seconds"] - sum(m["epoch_s"] for m in metrics)  # graph capture
+        epochs = max(16, math.floor((FAST_SECONDS - 0.5 - setup) / per_epoch))
+        if time_left() > 60 + epochs * per_epoch:
+            extra = train(f"fast-e{epochs}-ls02", ["--recipe", "fast", "--epochs", str(epochs), "--label-smoothing", "0.2"],
+                          data, work, logs)  # fmt: skip
+            summaries += [extra] if extra else []
+            pack()
+    if time_left() > 75:
+        seed = train("seed", ["--recipe", "seed"], data, work, logs)
+        summaries += [seed] if seed else []
+        pack()
+
+    fast_runs = [s for s in summaries if s["recipe"] == "fast"]
+    if fast_runs and time_left() > 25:
+        ok = [s for s in fast_runs if s["train_seconds"] <= FAST_SECONDS] or fast_runs
+        chosen = max(ok, key=lambda s: s["test"]["accuracy"])
+        print(f"== exporting {chosen['name']}", flush=True)
+        (logs / "chosen.txt").write_text(chosen["name"] + "\n")
+        ckpt = work / "runs" / chosen["name"] / "last.pt"
+        run([sys.executable, "-m", "training.export", str(ckpt), "--out", str(out / "weights"),
+             "--data-dir", str(data), "--device", args.device], logs / "export.txt")  # fmt: skip
+        pack()
+    if not args.skip_bench and time_left() > 45:
+        run([sys.executable, "-m", "bench.train_speed", "--data-dir", str(data), "--device", args.device,
+             "--steps", "50" if not args.smoke else "2", "--notebook-steps", "30" if not args.smoke else "1",
+             "--batches", "64,256", "--json-out", str(logs / "train_speed.json")], logs / "train_speed.txt")  # fmt: skip
+        pack()
+
+    print("\n== summary")
+    for s in summaries:
+        print(f"{s['name']:<12} test {s['test']['accuracy']:.2f}%  best-val-weights test "
+              f"{s['best']['test']['accuracy']:.2f}%  train {s['train_seconds']:.1f} s  "
+              f"process {s['process_wall_s']:.1f} s  ({s['command']})")  # fmt: skip
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Test helpers: tiny generated image data in real on-disk formats, and running the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from training.recipes import TrainConfig, make_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Default classes of the generated trees. Sorted folder order is blue, green, red, so the labels
+# are blue=0, green=1, red=2, and each class is the colour its name says (dominant channel).
+CLASSES = ("red", "green", "blue")
+CHANNEL = {"red": 0, "green": 1, "blue": 2}
+FORMATS = (".png", ".jpg", ".bmp", ".webp")
+
+TreeFactory = Callable[..., Path]
+
+
+def class_image(
+    channel: int, rng: np.random.Generator, size: tuple[int, int] = (32, 32)
+) -> np.ndarray:
+    """An RGB uint8 image [h, w, 3] whose `channel` clearly dominates: dark noise everywhere,
+    that channel bright, and a random darker square so that no two images are alike."""
+    w, h = size
+    image = rng.integers(0, 90, size=(h, w, 3), dtype=np.uint8)
+    image[..., channel] = rng.integers(170, 256, size=(h, w), dtype=np.uint8)
+    y, x = rng.integers(0, max(1, h - 8)), rng.integers(0, max(1, w - 8))
+    image[y : y + 8, x : x + 8, channel] //= 2
+    return image
+
+
+def write_image(path: Path, array: np.ndarray) -> Path:
+    """Save an RGB array in the format its suffix names (lossless where the format allows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array, mode="RGB")
+    if path.suffix == ".jpg":
+        image.save(path, quality=95)
+    elif path.suffix == ".webp":
+        image.save(path, lossless=True)
+    else:
+        image.save(path)
+    return path
+
+
+def make_image_tree(
+    root: Path,
+    *,
+    classes: Sequence[str] = CLASSES,
+    n_train: int = 8,
+    n_test: int = 2,
+    formats: Sequence[str] = FORMATS,
+    seed: int = 0,
+) -> Path:
+    """root/train/<class>/NNN.<fmt> and root/test/<class>/NNN.<fmt>, 32x32 RGB, formats cycled."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("test", n_test)):
+        for index, name in enumerate(classes):
+            channel = CHANNEL.get(name, index % 3)
+            for j in range(count):
+                fmt = formats[j % len(formats)]
+                write_image(root / split / name / f"{j:03d}{fmt}", class_image(channel, rng))
+    return root
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for `python -m training.run` subprocesses: the repository importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str | os.PathLike[str], timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python ARGS...` from the repository root; text output captured. On a timeout the
+    whole process group goes (torchrun's workers too), then the timeout is raised."""
+    command = [sys.executable, *map(str, args)]
+    with subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env or cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def tiny_config(recipe: str, data_dir: Path, out_dir: Path, **overrides: Any) -> TrainConfig:
+    """A run that takes seconds on a CPU: 2 epochs of 2 steps of 8 images (on `image_tree`'s
+    24 training images, 6 held out for validation)."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "epochs": 2,
+        "batch_size": 8,
+        "valid_size": 0.25,
+        "eval_batch_size": 16,
+        "out_dir": out_dir,
+        "device": "cpu",
+        **overrides,
+    }
+    return make_config(recipe, **values)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit code 2, and stderr exactly one `error: ...` line naming `fragments`; no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

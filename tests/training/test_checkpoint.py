@@ -1,0 +1,227 @@
+"""Checkpoints: atomic writes, the background writer, and one-line errors for bad files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import torch
+
+import training.checkpoint as checkpoint_module
+from training.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointWriter,
+    build_model,
+    library_versions,
+    load_checkpoint,
+    model_section,
+    preprocessing_of,
+    save_atomic,
+    to_cpu,
+)
+from training.errors import UserError
+from training.model import AlexNet, AlexNetConfig
+from training.preprocess import Preprocessing
+
+
+def _small(value: int) -> dict[str, Any]:
+    return {"format": FORMAT, "value": value, "tensor": torch.full((64,), float(value))}
+
+
+def _crash_midway(obj: object, f: IO[bytes], *args: object, **kwargs: object) -> None:
+    f.write(b"PK\x03\x04 half a zip file" * 100)  # some bytes reach the temp file...
+    raise OSError(28, "No space left on device")  # ...then the disk fills up
+
+
+def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key])
+        else:
+            assert a[key] == b[key]
+
+
+@pytest.fixture(scope="module")
+def model_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A minimal valid checkpoint of a 3-class AlexNet (weights only)."""
+    torch.manual_seed(0)
+    config = AlexNetConfig(num_classes=3)
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model_section(to_cpu(AlexNet(config).state_dict()), config),
+        "classes": ["a", "b", "c"],
+        "preprocessing": Preprocessing().to_dict(),
+        "versions": library_versions(),
+    }
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_atomic(ckpt, path)
+    yield path
+    path.unlink()
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+
+
+def test_save_atomic_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "ckpt.pt"
+    save_atomic(_small(1), path)
+    save_atomic(_small(2), path)  # replaces
+    _assert_same(torch.load(path, weights_only=True), _small(2))
+    assert sorted(os.listdir(path.parent)) == ["ckpt.pt"]
+
+
+def test_crash_during_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "last.pt"
+    save_atomic(_small(1), path)
+    before = path.read_bytes()
+    monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_atomic(_small(2), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    _assert_same(torch.load(path, weights_only=True), _small(1))
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temp file left behind
+
+
+def test_crash_during_first_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
+    with pytest.raises(OSError):
+        save_atomic(_small(1), tmp_path / "last.pt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_writer_writes_in_order(tmp_path: Path) -> None:
+    writer = CheckpointWriter()
+    for value in range(4):
+        writer.submit(_small(value), tmp_path / "last.pt")
+        writer.submit(_small(10 + value), tmp_path / f"e{value}.pt")
+    writer.close()
+    _assert_same(torch.load(tmp_path / "last.pt", weights_only=True), _small(3))
+    for value in range(4):
+        _assert_same(torch.load(tmp_path / f"e{value}.pt", weights_only=True), _small(10 + value))
+
+
+def test_writer_surfaces_a_write_error_from_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_atomic(_small(1), tmp_path / "last.pt")
+    writer = CheckpointWriter()
+    monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
+    writer.submit(_small(2), tmp_path / "last.pt")
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    monkeypatch.undo()
+    _assert_same(torch.load(tmp_path / "last.pt", weights_only=True), _small(1))
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_writer_surfaces_a_write_error_from_submit_or_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save = torch.save
+
+    def save_failing_for_a(obj: object, f: IO[bytes], *args: Any, **kwargs: Any) -> None:
+        if ".a.pt." in f.name:
+            _crash_midway(obj, f)
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_failing_for_a)
+    writer = CheckpointWriter()
+    with pytest.raises(OSError, match="No space left"):
+        writer.submit(_small(1), tmp_path / "a.pt")
+        # Raises here when the failed write already finished; else b.pt is queued behind it,
+        # skipped, and wait() raises.
+        writer.submit(_small(2), tmp_path / "b.pt")
+        writer.wait()
+    writer.submit(_small(3), tmp_path / "c.pt")  # reported once; writing goes on
+    writer.close()
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"]
+
+
+# ---- loading and validating -------------------------------------------------------------------
+
+
+def test_valid_checkpoint_loads_and_builds(model_checkpoint: Path) -> None:
+    ckpt = load_checkpoint(model_checkpoint)
+    assert torch.load(model_checkpoint, weights_only=True)["classes"] == ["a", "b", "c"]
+    model = build_model(ckpt)
+    assert model.fc3.out_features == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"]["state_dict"][key]), key
+    assert preprocessing_of(ckpt) == Preprocessing()
+    assert all(isinstance(v, str) for v in ckpt["versions"].values())
+
+
+def _one_line_error(path: Path, *fragments: str) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    _one_line_error(tmp_path / "nope.pt", "does not exist")
+
+
+def test_folder_instead_of_checkpoint(tmp_path: Path) -> None:
+    _one_line_error(tmp_path, "is a folder", "last.pt")
+
+
+def test_corrupt_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "random.pt"
+    path.write_bytes(os.urandom(4096))
+    _one_line_error(path, str(path), "not a readable checkpoint")
+
+
+def test_truncated_checkpoint(run_dir: Path, model_checkpoint: Path) -> None:
+    path = run_dir / "truncated.pt"
+    data = model_checkpoint.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _one_line_error(path, "not a readable checkpoint")
+
+
+def test_foreign_torch_file(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.pt"
+    torch.save({"a": 1}, path)
+    _one_line_error(path, "not an alexnet-serve checkpoint")
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "code.pt"
+    torch.save({"format": FORMAT, "model": AlexNetConfig()}, path)  # needs unpickling a class
+    _one_line_error(path, "not a readable checkpoint")
+
+
+def test_wrong_version_and_architecture(tmp_path: Path) -> None:
+    path = tmp_path / "v.pt"
+    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION + 1}, path)
+    _one_line_error(path, f"version {FORMAT_VERSION + 1}")
+    torch.save(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "model": {"architecture": "resnet"}},
+        path,
+    )
+    _one_line_error(path, "'resnet'")
+
+
+def test_weights_that_do_not_fit(model_checkpoint: Path) -> None:
+    ckpt = load_checkpoint(model_checkpoint)
+    ckpt["model"]["args"]["num_classes"] = 10
+    with pytest.raises(CheckpointError, match="do not fit the network"):
+        build_model(ckpt)
+    with pytest.raises(CheckpointError, match="preprocessing is unusable"):
+        preprocessing_of({"preprocessing": {"source_size": 32}})

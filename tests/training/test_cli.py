@@ -1,0 +1,108 @@
+"""`python -m training.run` as a user runs it: help, one-line errors, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import assert_one_line_error, cli_env, run_cli
+from training.checkpoint import load_checkpoint
+from training.trainer import RunResult
+
+
+def test_help_documents_the_main_flags() -> None:
+    result = run_cli("-m", "training.run", "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--recipe", "--resume", "--data-dir", "--epochs", "--batch-size", "--device"):
+        assert flag in result.stdout, flag
+    assert "fast" in result.stdout and "seed" in result.stdout  # the recipes and their values
+    assert result.stderr == ""
+
+
+@pytest.mark.slow
+def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
+    result = run_cli(
+        "-m", "training.run", "--data-dir", "/nonexistent", "--device", "cpu",
+        "--out-dir", tmp_path / "run",
+    )  # fmt: skip
+    assert_one_line_error(result, "--data-dir /nonexistent is not a directory")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(image_tree: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "-m", "training.run", "--device", "cuda", "--data-dir", image_tree,
+        "--out-dir", tmp_path / "run",
+    )  # fmt: skip
+    assert_one_line_error(result, "'cuda'", "CUDA is not available", "use cpu or auto")
+
+
+@pytest.mark.slow
+def test_invalid_setting_is_one_line(image_tree: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "-m", "training.run", "--data-dir", image_tree, "--epochs", "0", "--valid-size", "2",
+        "--out-dir", tmp_path / "run",
+    )  # fmt: skip
+    line = assert_one_line_error(result, "--epochs must be at least 1")
+    assert "--valid-size must be between 0 and 1" in line
+
+
+def _bad_checkpoint(kind: str, path: Path, seed_run: RunResult) -> None:
+    if kind == "corrupt":
+        path.write_bytes(os.urandom(100_000))
+    elif kind == "truncated":  # the first half of a real last.pt
+        with open(seed_run.last, "rb") as f:
+            path.write_bytes(f.read(seed_run.last.stat().st_size // 2))
+    else:
+        torch.save({"a": 1}, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("corrupt", "is not a readable checkpoint"),
+        ("truncated", "is not a readable checkpoint"),
+        ("foreign", "is not an alexnet-serve checkpoint"),
+    ],
+)
+def test_resume_from_a_bad_checkpoint_is_one_line(
+    kind: str, message: str, run_dir: Path, seed_run: RunResult, image_tree: Path
+) -> None:
+    bad = run_dir / f"{kind}.pt"
+    _bad_checkpoint(kind, bad, seed_run)
+    result = run_cli("-m", "training.run", "--resume", bad, "--data-dir", image_tree)
+    assert_one_line_error(result, str(bad), message)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run(image_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = run_cli(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+        "-m", "training.run", "--data-dir", image_tree, "--device", "cpu", "--epochs", "1",
+        "--batch-size", "8", "--valid-size", "0.25", "--eval-batch-size", "16",
+        "--out-dir", out,
+        timeout=300,
+        env=cli_env(OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["world_size"] == 2
+    assert ckpt["epoch"] == 1 and len(ckpt["metrics"]) == 1
+    assert ckpt["step"] == 2  # 18 images: 2 global batches of 8, 4 per process
+    assert ckpt["test"] is not None and ckpt["test"]["images"] == 6
+    assert "optimizer" in ckpt
+    assert load_checkpoint(out / "best.pt")["world_size"] == 2
+    assert (out / "metrics.jsonl").read_text().count("\n") == 1
+    # Only rank 0 wrote: no stray per-rank files or temp files.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "confusion.png", "curves.png", "last.pt", "metrics.jsonl", "summary.json",
+    ]  # fmt: skip
+    for path in out.glob("*.pt"):
+        path.unlink()

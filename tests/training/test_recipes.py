@@ -1,0 +1,66 @@
+"""Recipes, configuration validation, and the command line's mapping onto TrainConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.errors import UserError
+from training.recipes import FAST, TrainConfig, make_config
+from training.run import build_parser
+
+
+def test_seed_recipe_is_the_notebook() -> None:
+    config = make_config("seed")
+    assert (config.epochs, config.batch_size, config.lr) == (20, 64, 0.005)
+    assert (config.momentum, config.weight_decay, config.nesterov) == (0.9, 0.005, False)
+    assert (config.schedule, config.augment, config.label_smoothing) == ("constant", "none", 0.0)
+    assert (config.valid_size, config.split_seed, config.dropout) == (0.1, 1, 0.5)
+
+
+def test_fast_recipe_and_overrides() -> None:
+    config = make_config("fast", epochs=3, lr=None)  # None keeps the recipe's value
+    assert config.recipe == "fast" and config.epochs == 3
+    for key, value in FAST.items():
+        if key != "epochs":
+            assert getattr(config, key) == value, key
+
+
+def test_unknown_recipe() -> None:
+    with pytest.raises(UserError, match="unknown recipe 'slow'; choose one of seed, fast"):
+        make_config("slow")
+
+
+def test_validation_lists_every_problem() -> None:
+    with pytest.raises(UserError) as info:
+        make_config("seed", epochs=0, lr=-1.0, valid_size=1.0, schedule="cosine", augment="mixup")
+    message = str(info.value)
+    for fragment in (
+        "--epochs must be at least 1",
+        "--lr must be positive",
+        "--valid-size must be between 0 and 1",
+        "--schedule must be one of constant, onecycle",
+        "--augment must be one of none, crop-flip",
+    ):
+        assert fragment in message
+
+
+def test_config_round_trip(tmp_path: Path) -> None:
+    config = make_config("fast", data_dir=tmp_path / "data", out_dir=tmp_path / "run")
+    data = config.to_dict()
+    assert data["data_dir"] == str(tmp_path / "data")  # plain data for the checkpoint
+    assert TrainConfig.from_dict({**data, "dropped_field": 1}) == config
+
+
+def test_parser_types_and_explicit_flags(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["--recipe", "fast", "--epochs", "3", "--lr", "0.1", "--no-nesterov",
+         "--data-dir", str(tmp_path), "--resume", str(tmp_path / "last.pt")]
+    )  # fmt: skip
+    assert args.recipe == "fast" and args.epochs == 3 and args.lr == 0.1
+    assert args.nesterov is False and args.channels_last is None  # unset flags stay None
+    assert args.data_dir == tmp_path and args.resume == tmp_path / "last.pt"
+    assert args.batch_size is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--schedule", "cosine"])

@@ -1,0 +1,247 @@
+"""Whole training runs on a CPU: what a run writes, and that resuming is exact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import make_image_tree, tiny_config
+from training.checkpoint import CheckpointError, build_model, load_checkpoint
+from training.data import load_data
+from training.engine import Precision, accuracy_report, predict
+from training.errors import UserError
+from training.model import AlexNet, AlexNetConfig
+from training.preprocess import InputTransform, Preprocessing
+from training.trainer import RunResult, TrainHooks, train
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["blue", "green", "red"]
+FP32 = Precision(amp_dtype=None, channels_last=False)
+# 2 of the 4 steps rising: OneCycleLR cannot warm up over a single step (see the test below).
+FAST_WARMUP = 0.5
+
+
+# ---- what a run writes ------------------------------------------------------------------------
+
+
+def test_run_writes_loadable_checkpoints(seed_run: RunResult, image_tree: Path) -> None:
+    out = seed_run.out_dir
+    assert seed_run.last == out / "last.pt" and seed_run.best == out / "best.pt"
+    last_raw = torch.load(seed_run.last, weights_only=True)  # plain data only
+    best_raw = torch.load(seed_run.best, weights_only=True)
+    last, best = load_checkpoint(seed_run.last), load_checkpoint(seed_run.best)
+    assert last["epoch"] == 2 and last["step"] == 4
+    assert last_raw.keys() == last.keys()
+
+    for ckpt in (last, best):
+        assert ckpt["kind"] == "training"
+        assert ckpt["classes"] == CLASSES
+        assert Preprocessing.from_dict(ckpt["preprocessing"]) == Preprocessing()
+        assert ckpt["recipe"] == "seed"
+        config = ckpt["config"]
+        assert (config["recipe"], config["epochs"], config["batch_size"]) == ("seed", 2, 8)
+        assert (config["lr"], config["momentum"], config["weight_decay"]) == (0.005, 0.9, 0.005)
+        assert config["data_dir"] == str(image_tree) and config["out_dir"] == str(out)
+        assert [m["epoch"] for m in ckpt["metrics"]] == list(range(1, ckpt["epoch"] + 1))
+        assert set(ckpt["versions"]) >= {"python", "torch", "torchvision", "numpy", "pillow"}
+        assert ckpt["versions"]["torch"] == str(torch.__version__)
+        assert ckpt["data"] == {
+            "source": ckpt["data"]["source"],
+            "train": 18,
+            "valid": 6,
+            "test": 6,
+        }
+        assert ckpt["world_size"] == 1
+        assert ckpt["model"]["args"] == {"num_classes": 3, "dropout": 0.5}
+        assert 0 <= ckpt["test"]["accuracy"] <= 100 and ckpt["test"]["images"] == 6
+        assert sum(map(sum, ckpt["test"]["confusion"])) == 6
+
+    assert len(last["metrics"]) == 2
+    for m in last["metrics"]:
+        assert {"train_loss", "train_acc", "val_acc", "lr", "images_per_s", "elapsed_s"} <= set(m)
+        assert m["train_loss"] > 0 and m["lr"] == 0.005
+    assert best["epoch"] == last["best"]["epoch"]
+    assert best["metrics"][-1]["val_acc"] == last["best"]["val_acc"]
+    assert last["test"] == seed_run.test and best["test"] == seed_run.best_test
+
+    # Optimizer state in last.pt only (best.pt is weights for serving).
+    assert "optimizer" in last and "optimizer" not in best and "optimizer" not in best_raw
+    momentum = [s["momentum_buffer"] for s in last["optimizer"]["state"].values()]
+    assert len(momentum) == len(last["model"]["state_dict"]) - 3 * 5  # minus BN buffers
+    assert all(buf.abs().sum() > 0 for buf in momentum)
+    assert last["scheduler"] is None  # constant learning rate
+
+    # The weights moved away from the initialization.
+    torch.manual_seed(0)
+    initial = AlexNet(AlexNetConfig(num_classes=3)).state_dict()
+    assert not torch.equal(
+        initial["layer1.0.weight"], last["model"]["state_dict"]["layer1.0.weight"]
+    )
+
+
+def test_run_writes_reports(seed_run: RunResult) -> None:
+    out = seed_run.out_dir
+    last = load_checkpoint(seed_run.last)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert [json.loads(line) for line in lines] == last["metrics"]
+    for name in ("curves.png", "confusion.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"] == last["test"] and summary["world_size"] == 1
+    # Nothing half-written is left behind.
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_build_model_reproduces_the_trained_model(seed_run: RunResult, image_tree: Path) -> None:
+    data = load_data(image_tree, image_tree, valid_size=0.25, split_seed=1)
+    transform = InputTransform()
+    for path, test_key in ((seed_run.last, "test"), (seed_run.best, "test")):
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt)
+        model.eval()
+        test = accuracy_report(
+            data.test.labels,
+            predict(model, transform, data.test.images, batch_size=16, precision=FP32),
+            data.classes,
+        )
+        # The same predictions as the run made with its own model, image for image.
+        assert test["confusion"] == ckpt[test_key]["confusion"]
+        assert test["accuracy"] == ckpt[test_key]["accuracy"]
+        valid = predict(model, transform, data.valid.images, batch_size=16, precision=FP32)
+        val_acc = float((valid == data.valid.labels).sum()) / len(valid) * 100
+        assert val_acc == ckpt["metrics"][ckpt["epoch"] - 1]["val_acc"]
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    return {
+        "weights": ckpt["model"]["state_dict"],
+        "optimizer": ckpt["optimizer"],
+        "scheduler": ckpt["scheduler"],
+        "metrics": ckpt["metrics"],
+        "test": ckpt["test"],
+        "best": ckpt["best"],
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(
+    image_tree: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """Run A: the fast recipe (one-cycle schedule, crop-flip, label smoothing, Nesterov), 2 epochs
+    of 2 steps, uninterrupted."""
+    out = tmp_path_factory.mktemp("run-a")
+    train(tiny_config("fast", image_tree, out, warmup=FAST_WARMUP))
+    state = _load_state(out / "last.pt")
+    shutil.rmtree(out, ignore_errors=True)
+    yield state
+
+
+def _assert_same_run(resumed: dict[str, Any], reference: dict[str, Any]) -> None:
+    weights, expected = resumed["weights"], reference["weights"]
+    assert weights.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(weights[k], expected[k])]
+    assert not different, f"weights differ after resume: {different}"
+    for key, state in reference["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][key]["momentum_buffer"],
+                           state["momentum_buffer"])  # fmt: skip
+    assert resumed["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"]
+    assert resumed["scheduler"] == reference["scheduler"]
+    # The one-cycle schedule moved on through epoch 2 (the state the resume had to restore).
+    assert resumed["scheduler"]["total_steps"] == 4
+    assert resumed["scheduler"]["last_epoch"] >= 3
+    for got, want in zip(resumed["metrics"], reference["metrics"], strict=True):
+        for key in ("epoch", "train_loss", "train_acc", "val_acc", "lr"):
+            assert got[key] == want[key], key
+    assert resumed["test"] == reference["test"]
+    assert resumed["best"] == reference["best"]
+
+
+class Interrupt:
+    """Hooks that press Ctrl-C at one point of the run."""
+
+    def __init__(self, epoch: int, step: int | None = None) -> None:
+        self.epoch, self.step = epoch, step
+
+    def on_step(self, epoch: int, step: int) -> None:
+        if (epoch, step) == (self.epoch, self.step):
+            raise KeyboardInterrupt
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.step is None and epoch == self.epoch:
+            raise KeyboardInterrupt
+
+    def hooks(self) -> TrainHooks:
+        return TrainHooks(on_step=self.on_step, on_epoch_end=self.on_epoch_end)
+
+
+@pytest.mark.parametrize(
+    "interrupt",
+    [Interrupt(epoch=1), Interrupt(epoch=2, step=1)],
+    ids=["after-epoch-1", "mid-epoch-2"],
+)
+def test_resume_after_interruption_is_exact(
+    interrupt: Interrupt,
+    uninterrupted: dict[str, Any],
+    image_tree: Path,
+    run_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = tiny_config("fast", image_tree, run_dir, warmup=FAST_WARMUP)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(config, hooks=interrupt.hooks())
+    assert f"--resume {run_dir / 'last.pt'}" in caplog.text
+    stopped = load_checkpoint(run_dir / "last.pt")
+    assert stopped["epoch"] == 1 and len(stopped["metrics"]) == 1  # the last completed epoch
+    assert stopped["test"] is None
+    assert (run_dir / "metrics.jsonl").read_text().count("\n") == 1
+    assert not (run_dir / "summary.json").exists()
+
+    result = train(config, resume=run_dir / "last.pt")
+    assert result.out_dir == run_dir
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
+
+    # A finished run cannot be resumed again, and best.pt is not a training state.
+    with pytest.raises(UserError, match="already finished all 2 epochs"):
+        train(config, resume=run_dir / "last.pt")
+    with pytest.raises(CheckpointError, match=r"resume from last\.pt"):
+        train(config, resume=run_dir / "best.pt")
+
+
+def test_resume_refuses_changed_settings(
+    image_tree: Path, run_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = tiny_config("seed", image_tree, run_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    last = run_dir / "last.pt"
+    changed = tiny_config("seed", image_tree, run_dir, lr=0.1, epochs=3)
+    with pytest.raises(UserError, match=r"--epochs, --lr cannot change when resuming"):
+        train(changed, resume=last, explicit={"lr", "epochs", "device"})
+    other = make_image_tree(tmp_path_factory.mktemp("other"), n_train=4, n_test=1)
+    with pytest.raises(UserError, match=r"is not what .* was trained on \(18 images"):
+        train(tiny_config("seed", other, run_dir), resume=last, explicit={"data_dir"})
+    with pytest.raises(UserError, match="already holds a run"):
+        train(config)
+
+
+def test_onecycle_warmup_of_one_step_is_a_clear_error(image_tree: Path, run_dir: Path) -> None:
+    # 4 steps x warmup 0.25 = 1 step: torch's OneCycleLR would divide by zero.
+    with pytest.raises(UserError, match=r"warm-up of more than 1 step, but --warmup 0.25 of 4"):
+        train(tiny_config("fast", image_tree, run_dir))
+    assert not (run_dir / "last.pt").exists()

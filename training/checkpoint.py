@@ -1,0 +1,193 @@
+"""Checkpoints: plain data only (tensors, numbers, strings, lists, dicts), written atomically.
+
+A checkpoint is the contract between training and the app: weights plus everything needed to
+use them (model arguments, class names, preprocessing, recipe, measured accuracy). It loads
+with `torch.load(weights_only=True)`, so opening one never runs pickled code.
+
+Writes go to a temporary file in the same folder, are fsynced, then `os.replace`d over the old
+file: a process killed at any moment leaves either the old checkpoint or the new one, never a
+torn one. `CheckpointWriter` does this on a background thread so the GPU keeps training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.errors import UserError
+from training.model import ARCHITECTURE, AlexNet, AlexNetConfig
+from training.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+FORMAT = "alexnet-serve/checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, foreign or incompatible."""
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import PIL
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),  # a TorchVersion object, which weights_only refuses
+        "torchvision": str(torchvision.__version__),
+        "numpy": str(numpy.__version__),
+        "pillow": str(PIL.__version__),
+    }
+
+
+def to_cpu(obj: Any, non_blocking: bool = False) -> Any:
+    """A deep copy of plain data with every tensor copied to the CPU (a stable snapshot).
+
+    With `non_blocking`, CUDA tensors are copied into pinned memory asynchronously, ordered on
+    the current stream before any later training step; wait on an event recorded after this
+    call before reading them (`CheckpointWriter.submit(..., ready=event)` does).
+    """
+    if isinstance(obj, torch.Tensor):
+        if non_blocking and obj.is_cuda:
+            out = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return out.copy_(obj.detach(), non_blocking=True)
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v, non_blocking) for v in obj)
+    return obj
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Make the rename itself durable (a power cut after this keeps the new file).
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, in order, at most one waiting.
+
+    `submit` hands over a CPU snapshot and returns at once (unless a previous write is still
+    queued, which bounds memory). `close` waits for everything; an error in a write is raised
+    from the next `submit` or from `close`, never lost.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[dict[str, Any], Path, Any] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            obj, path, ready = item
+            try:
+                if self._error is None:
+                    if ready is not None:
+                        ready.synchronize()  # the snapshot's device-to-host copies are done
+                    save_atomic(obj, path)
+            except BaseException as exc:  # surfaced in the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, obj: dict[str, Any], path: Path, ready: Any = None) -> None:
+        """Queue `obj` for writing to `path`; `ready` (a CUDA event) is awaited first."""
+        self._raise_pending()
+        self._queue.put((obj, path, ready))
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_pending()
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and validate a training checkpoint; every failure is a one-line CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/last.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's weights_only refusal buries the reason in a long message; show that line.
+        detail = [line for line in lines if "Unpickler error" in line]
+        reason = (detail or lines or [type(exc).__name__])[0][:300]
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, corrupt or foreign): {reason}"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an alexnet-serve checkpoint (no '{FORMAT}' format marker); "
+            "pass a last.pt or best.pt written by python -m training.run"
+        )
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {ckpt.get('format_version')}, "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+    if ckpt.get("model", {}).get("architecture") != ARCHITECTURE:
+        raise CheckpointError(
+            f"{path} holds architecture {ckpt.get('model', {}).get('architecture')!r}, "
+            f"expected {ARCHITECTURE!r}"
+        )
+    return ckpt
+
+
+def build_model(ckpt: dict[str, Any]) -> AlexNet:
+    """Rebuild the network from a checkpoint's model section and load its weights (strict)."""
+    model = AlexNet(AlexNetConfig.from_dict(ckpt["model"]["args"]))
+    try:
+        model.load_state_dict(ckpt["model"]["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit the network: {exc}") from None
+    return model
+
+
+def model_section(state_dict: dict[str, torch.Tensor], config: AlexNetConfig) -> dict[str, Any]:
+    return {"architecture": ARCHITECTURE, "args": config.to_dict(), "state_dict": state_dict}
+
+
+def preprocessing_of(ckpt: dict[str, Any]) -> Preprocessing:
+    try:
+        return Preprocessing.from_dict(ckpt["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint preprocessing is unusable: {exc}") from None

@@ -1,0 +1,260 @@
+"""Data sources, the notebook's train/validation split, and GPU-side batching and augmentation.
+
+A whole data set is small (60,000 x 3 x 32 x 32 uint8 = 184 MB), so it is decoded once, kept on
+the training device as uint8, and every batch is gathered, augmented, resized and normalized
+there. No DataLoader workers, no per-image Python in the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from training.errors import UserError
+from training.preprocess import load_image
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+@dataclass
+class Split:
+    """Images as uint8 [N, 3, H, W] and labels as int64 [N], on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, indices: Sequence[int]) -> Split:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Data:
+    train: Split
+    valid: Split
+    test: Split
+    classes: list[str]
+    source: str  # where it came from, for the checkpoint and the logs
+
+
+def split_indices(n: int, valid_size: float = 0.1, seed: int = 1) -> tuple[list[int], list[int]]:
+    """The notebook's split: shuffle 0..n-1 with NumPy's legacy seed; the first part validates."""
+    indices = list(range(n))
+    split = int(np.floor(valid_size * n))
+    # RandomState(seed) draws exactly what `np.random.seed(seed); np.random.shuffle(...)` draws,
+    # without touching NumPy's global state.
+    np.random.RandomState(seed).shuffle(indices)
+    return indices[split:], indices[:split]
+
+
+def load_data(
+    data_dir: Path | None,
+    download_root: Path,
+    *,
+    valid_size: float,
+    split_seed: int,
+    source_size: int = 32,
+) -> Data:
+    """Load train+test from an image-folder tree, or from torchvision's CIFAR-10 download."""
+    if data_dir is not None:
+        full_train, test, classes = load_image_folder(data_dir, source_size)
+        source = f"image folders in {resolve_image_root(data_dir)}"
+    else:
+        full_train, test, classes = load_cifar10(download_root)
+        source = f"torchvision CIFAR-10 in {download_root}"
+    if len(test) == 0:
+        raise UserError(f"no test images found ({source})")
+    train_idx, valid_idx = split_indices(len(full_train), valid_size, split_seed)
+    if not train_idx or not valid_idx:
+        raise UserError(
+            f"{len(full_train)} training images cannot be split with --valid-size {valid_size}: "
+            "both parts need at least one image"
+        )
+    return Data(full_train.subset(train_idx), full_train.subset(valid_idx), test, classes, source)
+
+
+def load_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
+    """The official CIFAR-10 through torchvision, downloaded into `root` on first use."""
+    from torchvision.datasets import CIFAR10  # deferred: the app never needs it
+
+    try:
+        train = CIFAR10(str(root), train=True, download=True)
+        test = CIFAR10(str(root), train=False, download=True)
+    except Exception as exc:  # URLError, socket errors, a corrupt partial download...
+        raise UserError(
+            f"could not download CIFAR-10 into {root} ({type(exc).__name__}: {exc}). "
+            "Offline? Pass --data-dir DIR, an image-folder tree DIR/train/<class>/*, "
+            "DIR/test/<class>/*"
+        ) from None
+
+    def to_split(ds: CIFAR10) -> Split:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return Split(images, torch.tensor(ds.targets, dtype=torch.long))
+
+    return to_split(train), to_split(test), list(train.classes)
+
+
+def image_extensions() -> set[str]:
+    """Every file suffix PIL can open: 'any image format'."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def resolve_image_root(data_dir: Path) -> Path:
+    """`data_dir`, or its single subfolder holding train/ (an unpacked archive's top folder)."""
+    if not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a directory")
+    if (data_dir / "train").is_dir():
+        return data_dir
+    nested = [d for d in data_dir.iterdir() if d.is_dir() and (d / "train").is_dir()]
+    if len(nested) == 1:
+        return nested[0]
+    raise UserError(
+        f"--data-dir {data_dir} has no train/ folder; expected {data_dir}/train/<class>/<image> "
+        f"and {data_dir}/test/<class>/<image>"
+    )
+
+
+def list_image_folder(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[Path], list[int], list[str]]:
+    """Files and labels of root/<class>/*, classes sorted by folder name (torchvision's rule)."""
+    if not root.is_dir():
+        raise UserError(f"{root} is missing; expected {root}/<class>/<image> folders")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise UserError(f"{root} has no class folders; expected {root}/<class>/<image>")
+    if classes is not None and found != classes:
+        raise UserError(f"{root} has classes {found}, but the training set has {classes}")
+    extensions = image_extensions()
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(found):
+        files = sorted(
+            p for p in (root / name).iterdir()
+            if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
+        )  # fmt: skip
+        if not files:
+            raise UserError(
+                f"{root / name} holds no images (files PIL can open: .png, .jpg, .webp, ...)"
+            )
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels, found
+
+
+def _decode_chunk(paths: Sequence[Path], size: int) -> np.ndarray:
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            out[i] = load_image(path, size).numpy()
+        except Exception as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+    return out
+
+
+def decode_images(paths: Sequence[Path], size: int) -> torch.Tensor:
+    """Decode and reduce images to uint8 [N, 3, size, size], on every core.
+
+    Processes, not threads: for 32x32 images the per-image Python work, which holds the GIL,
+    outweighs the decoding (threads took 39 s for CIFAR-10 on 16 cores; see README).
+    """
+    workers = min(32, os.cpu_count() or 1)
+    chunk = 1000
+    if workers == 1 or len(paths) <= chunk:
+        return torch.from_numpy(_decode_chunk(paths, size))
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    # fork: workers start at once, and they only run PIL and NumPy (no CUDA) before exiting.
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        parts = list(pool.map(_decode_chunk, chunks, [size] * len(chunks)))
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def load_image_folder(data_dir: Path, size: int = 32) -> tuple[Split, Split, list[str]]:
+    root = resolve_image_root(data_dir)
+    train_paths, train_labels, classes = list_image_folder(root / "train")
+    test_paths, test_labels, _ = list_image_folder(root / "test", classes)
+    log.info("decoding %d + %d images from %s", len(train_paths), len(test_paths), root)
+    train = Split(decode_images(train_paths, size), torch.tensor(train_labels, dtype=torch.long))
+    test = Split(decode_images(test_paths, size), torch.tensor(test_labels, dtype=torch.long))
+    return train, test, classes
+
+
+def load_test_split(
+    data_dir: Path | None, download_root: Path, size: int = 32
+) -> tuple[Split, list[str], list[str]]:
+    """The test split alone: images, class names, and a name per image (test/<class>/<file> for
+    image folders, test/<index> for the CIFAR-10 download) to report predictions by."""
+    if data_dir is None:
+        _, test, classes = load_cifar10(download_root)
+        return test, classes, [f"test/{i}" for i in range(len(test))]
+    root = resolve_image_root(data_dir)
+    paths, labels, classes = list_image_folder(root / "test")
+    log.info("decoding %d test images from %s", len(paths), root)
+    split = Split(decode_images(paths, size), torch.tensor(labels, dtype=torch.long))
+    return split, classes, [p.relative_to(root).as_posix() for p in paths]
+
+
+# ---- batching and augmentation, on the training device -------------------------------------
+
+
+def epoch_order(n: int, epoch: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The shuffled order of epoch `epoch`: a function of (seed, epoch) alone, so a resumed run
+    and every DDP rank draw the same one."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def batch_slices(
+    order: torch.Tensor, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
+    """Index batches of one epoch; the last partial batch is dropped (static shapes for CUDA
+    graphs). With DDP, global batch i is split into world_size equal local batches."""
+    local = batch_size // world_size
+    return [
+        order[start + rank * local : start + (rank + 1) * local]
+        for start in range(0, len(order) - batch_size + 1, batch_size)
+    ]
+
+
+def crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per image, as one gather.
+
+    The same as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, batched on the
+    device and free of host synchronization (so it can live inside a CUDA graph).
+    """
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), device=device)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), device=device)
+    rows = dy + torch.arange(h, device=device)
+    cols = dx + torch.arange(w, device=device)
+    flip = torch.rand(b, 1, device=device) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    return padded[
+        torch.arange(b, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]

@@ -1,0 +1,224 @@
+"""The training step and evaluation, on GPU-resident uint8 data.
+
+One training step is: gather the batch's images by index, augment, resize to 227 and normalize
+(`InputTransform`, shared with the app), forward under bf16 autocast, backward, SGD update, and
+accumulate the epoch's loss and accuracy on the device. Nothing in it waits for the host, so on
+a single GPU the whole step is captured once as a CUDA graph and replayed: one launch per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.data import Split, crop_flip
+from training.model import use_space_to_depth
+from training.preprocess import InputTransform
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the model runs: autocast dtype (None = off), memory layout, and the dtype its
+    weights were cast to (inference may cast them to bf16 once instead of autocasting)."""
+
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    weights_dtype: torch.dtype = torch.float32
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.amp_dtype or self.weights_dtype
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        # No autocast weight cache: cached casts would be stale inside a replayed CUDA graph.
+        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+
+class TrainStep:
+    """One optimizer step on the images whose indices are in `self.index`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transform: InputTransform,
+        optimizer: torch.optim.Optimizer,
+        train: Split,
+        *,
+        local_batch_size: int,
+        label_smoothing: float,
+        augment: str,
+        crop_padding: int,
+        precision: Precision,
+    ) -> None:
+        self.model = model
+        self.transform = transform
+        self.optimizer = optimizer
+        self.train = train
+        self.device = train.images.device
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.precision = precision
+        self.index = torch.zeros(local_batch_size, dtype=torch.long, device=self.device)
+        # Running sums for the epoch, kept on the device so no step synchronizes.
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self) -> None:
+        images = self.train.images[self.index]
+        labels = self.train.labels[self.index]
+        if self.augment == "crop-flip":
+            images = crop_flip(images, self.crop_padding)
+        x = self.transform(
+            images,
+            dtype=self.precision.input_dtype,
+            channels_last=self.precision.channels_last,
+        )
+        with self.precision.autocast(self.device):
+            logits = self.model(x)
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            self.loss_sum += loss.detach()
+            self.correct += (logits.argmax(1) == labels).sum()
+
+    def __call__(self, index: torch.Tensor) -> None:
+        self.index.copy_(index, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        self.steps += 1
+
+    def capture_graph(self, model_to_restore: nn.Module) -> None:
+        """Capture `_step` as a CUDA graph, leaving model and optimizer as they were.
+
+        Capture needs a few warm-up steps first (cuDNN autotuning, lazy allocations); they
+        change the weights, so weights, buffers and momentum are snapshotted before and put
+        back after, in place (the graph holds their addresses). Zeroed momentum is the fresh
+        state: with dampening 0, SGD's first step sets buffer = grad, which is what m*0 + grad
+        gives.
+        """
+        params_state = {k: v.detach().clone() for k, v in model_to_restore.state_dict().items()}
+        momentum_before = {
+            p: (s["momentum_buffer"].clone() if s.get("momentum_buffer") is not None else None)
+            for p, s in self.optimizer.state.items()
+        }
+        self.index.copy_(torch.arange(len(self.index), device=self.device) % len(self.train))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self._step()
+        with torch.no_grad():
+            for key, value in model_to_restore.state_dict().items():
+                value.copy_(params_state[key])
+            for p, state in self.optimizer.state.items():
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    continue
+                before = momentum_before.get(p)
+                if before is None:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(before)
+        self.graph = graph
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.steps = 0
+
+
+@torch.inference_mode()
+def forward_logits(
+    model: nn.Module, transform: InputTransform, images: torch.Tensor, precision: Precision
+) -> torch.Tensor:
+    """Logits for uint8 images [B, 3, s, s] on the model's device: the one inference path,
+    used by evaluation here and by the app's batches."""
+    x = transform(images, dtype=precision.input_dtype, channels_last=precision.channels_last)
+    with precision.autocast(images.device):
+        return model(x)
+
+
+def predict(
+    model: nn.Module,
+    transform: InputTransform,
+    images: torch.Tensor,
+    *,
+    batch_size: int,
+    precision: Precision,
+) -> torch.Tensor:
+    """Class predictions (int64, on the CPU) for uint8 images [N, 3, s, s] on the model device."""
+    was_training = model.training
+    model.eval()
+    out = [
+        forward_logits(model, transform, images[start : start + batch_size], precision).argmax(1)
+        for start in range(0, len(images), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out).cpu() if out else torch.empty(0, dtype=torch.long)
+
+
+def confusion_matrix(
+    labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """[true, predicted] counts."""
+    flat = labels.cpu() * num_classes + predictions.cpu()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def accuracy_report(labels: torch.Tensor, predictions: torch.Tensor, classes: list[str]) -> dict:
+    """Top-1 accuracy (percent), per-class accuracy and the confusion matrix, as plain data."""
+    matrix = confusion_matrix(labels, predictions, len(classes))
+    per_class = matrix.diag().double() / matrix.sum(1).clamp(min=1).double() * 100
+    return {
+        "accuracy": float(matrix.diag().sum()) / max(1, len(labels)) * 100,
+        "images": len(labels),
+        "per_class": {name: round(float(a), 2) for name, a in zip(classes, per_class, strict=True)},
+        "confusion": matrix.tolist(),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    transform: InputTransform,
+    split: Split,
+    classes: list[str],
+    *,
+    batch_size: int,
+    precision: Precision,
+) -> dict:
+    predictions = predict(
+        model, transform, split.images, batch_size=batch_size, precision=precision
+    )
+    return accuracy_report(split.labels, predictions, classes)
+
+
+INFERENCE_PRECISIONS = ("fp32", "bf16")
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device, precision: str) -> Precision:
+    """Move `model` to `device` for inference, in place: eval mode, channels_last, and for
+    "bf16" weights cast once (faster than autocast on CPU, and no per-call cast on CUDA)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"precision must be one of {INFERENCE_PRECISIONS}, not {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    use_space_to_depth(model, device.type == "cuda")
+    return Precision(amp_dtype=None, channels_last=True, weights_dtype=dtype)

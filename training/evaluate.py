@@ -1,0 +1,105 @@
+"""python -m training.evaluate MODEL: offline accuracy of a checkpoint or an exported artifact.
+
+    python -m training.evaluate weights/ --data-dir DIR                  # the shipped model
+    python -m training.evaluate runs/fast-.../last.pt --data-dir DIR --predictions-out p.json
+
+It runs the model exactly as the app does (same preprocessing module, same precision modes), so
+its per-image predictions can be compared with what the server answers (`app.client evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.artifact import InferenceModel, load_for_inference
+from training.data import Split, load_test_split
+from training.engine import INFERENCE_PRECISIONS, accuracy_report, predict, prepare_for_inference
+from training.errors import UserError
+from training.preprocess import InputTransform
+from training.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(
+    loaded: InferenceModel,
+    split: Split,
+    classes: list[str],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 500,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Accuracy report and per-image predictions of `loaded` on `split` (moved to `device`)."""
+    if classes != loaded.classes:
+        raise UserError(f"the data's classes {classes} are not the model's {loaded.classes}")
+    prec = prepare_for_inference(loaded.model, device, precision)
+    transform = InputTransform(loaded.preprocessing).to(device)
+    images = split.images.to(device)
+    start = time.perf_counter()
+    predictions = predict(loaded.model, transform, images, batch_size=batch_size, precision=prec)
+    seconds = time.perf_counter() - start
+    report = accuracy_report(split.labels, predictions, classes)
+    report.update(precision=precision, device=str(device), images_per_s=len(split) / seconds)
+    return report, predictions
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "model", type=Path, help="a last.pt/best.pt checkpoint or an exported folder"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="image-folder tree with test/<class>/* (else: CIFAR-10 download)",
+    )
+    parser.add_argument("--download-root", type=Path, default=Path("data"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--predictions-out", type=Path, help="write {image name: class id} as JSON")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        loaded = load_for_inference(args.model)
+        split, classes, names = load_test_split(args.data_dir, args.download_root)
+        device = resolve_device(args.device)
+        report, predictions = evaluate_model(
+            loaded,
+            split,
+            classes,
+            device=device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.predictions_out:
+        args.predictions_out.write_text(
+            json.dumps(dict(zip(names, predictions.tolist(), strict=True)))
+        )
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{args.model}: {report['accuracy']:.2f}% top-1 on {report['images']} images "
+              f"({args.precision}, {device}, {report['images_per_s']:.0f} img/s)")  # fmt: skip
+        for name, acc in report["per_class"].items():
+            print(f"  {name:<12} {acc:6.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""python -m training.export CHECKPOINT --out weights/: write the serving artifact.
+
+No optimizer state, no pickle: int8 per-output-channel weights in safetensors shards of at most
+15 MiB with a model.json index (checksums, classes, preprocessing, accuracy, recipe). With
+--data-dir it measures the artifact's test accuracy next to the full-precision checkpoint's and
+records both in model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.artifact import (
+    INDEX_NAME,
+    MAX_SHARD_BYTES,
+    InferenceModel,
+    export_artifact,
+    load_for_inference,
+)
+from training.checkpoint import build_model, load_checkpoint, preprocessing_of
+from training.data import load_test_split
+from training.errors import UserError
+from training.evaluate import evaluate_model
+from training.report import write_text_atomic
+from training.runtime import resolve_device
+
+TOTAL_LIMIT_BYTES = 64_000_000  # what a git repository should carry for the model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.export", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("checkpoint", type=Path, help="a last.pt or best.pt from training.run")
+    parser.add_argument("--out", type=Path, default=Path("weights"), help="artifact folder")
+    parser.add_argument("--data-dir", type=Path, help="measure test accuracy on DIR/test/<class>/*")
+    parser.add_argument("--download-root", type=Path, default=None,
+                        help="measure test accuracy on the CIFAR-10 download in this folder")  # fmt: skip
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-drop", type=float, default=0.2,
+                        help="fail if the artifact's test accuracy is this many points below the checkpoint's")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        result = export_artifact(ckpt, args.out)
+        largest = max(f["bytes"] for f in result.files.values())
+        print(f"wrote {len(result.files)} shards + {INDEX_NAME} to {result.out_dir}: "
+              f"{result.total_bytes:,} bytes, largest file {largest:,} bytes "
+              f"(limits: {TOTAL_LIMIT_BYTES:,} in all, {MAX_SHARD_BYTES:,} per file)")  # fmt: skip
+        if result.total_bytes > TOTAL_LIMIT_BYTES:
+            raise UserError(
+                f"the artifact is {result.total_bytes:,} bytes, over {TOTAL_LIMIT_BYTES:,}"
+            )
+        if args.data_dir is None and args.download_root is None:
+            return 0
+        device = resolve_device(args.device)
+        split, classes, _ = load_test_split(args.data_dir, args.download_root or Path("data"))
+        full = InferenceModel(build_model(ckpt), list(ckpt["classes"]), preprocessing_of(ckpt))
+        full_report, full_pred = evaluate_model(full, split, classes, device=device)
+        quant_report, quant_pred = evaluate_model(
+            load_for_inference(result.out_dir), split, classes, device=device
+        )
+        drop = full_report["accuracy"] - quant_report["accuracy"]
+        index_path = result.out_dir / INDEX_NAME
+        index = json.loads(index_path.read_text())
+        index["export"] = {
+            "test": {k: quant_report[k] for k in ("accuracy", "images", "per_class", "confusion")},
+            "full_precision_test_accuracy": full_report["accuracy"],
+            "accuracy_drop_points": drop,
+            "top1_disagreements": int((full_pred != quant_pred).sum()),
+            "evaluated_with": f"fp32 on {device}",
+            "data": args.data_dir.as_posix() if args.data_dir else "torchvision CIFAR-10",
+        }
+        write_text_atomic(index_path, json.dumps(index, indent=1) + "\n")
+        print(f"test accuracy: checkpoint {full_report['accuracy']:.2f}%, "
+              f"artifact {quant_report['accuracy']:.2f}% ({drop:+.2f} points drop), "
+              f"{index['export']['top1_disagreements']} of {len(split)} top-1 predictions differ")  # fmt: skip
+        if drop > args.max_drop:
+            raise UserError(
+                f"the artifact loses {drop:.2f} points of test accuracy (> --max-drop {args.max_drop})"
+            )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The notebook's AlexNet, layer for layer, and the arguments that rebuild it from a checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURE = "alexnet-cifar10-notebook"
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    num_classes: int = 10
+    dropout: float = 0.5  # before fc1 and fc2, as in the notebook
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AlexNetConfig:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+class StridedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same function) that can run a large strided kernel as a
+    small stride-1 one over a space-to-depth view of its input.
+
+    conv1 (11x11, stride 4, 3 input channels) is 9% of AlexNet's FLOPs but was about half of a
+    bf16 training step on an H200: three input channels and an 11x11 window suit no tensor-core
+    kernel. Folding each 4x4 pixel block into channels (3 -> 48) and zero-padding the kernel to
+    12x12 (= 3x3 blocks) turns it into a 3x3 stride-1 convolution that they do suit. The
+    arithmetic is the same; only the summation order differs. Slower on CPUs, so it is off
+    unless `space_to_depth` is set (training and inference turn it on for CUDA).
+    """
+
+    space_to_depth: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.space_to_depth:
+            return super().forward(x)
+        s, k = self.stride[0], self.kernel_size[0]
+        blocks = -(-k // s)  # kernel size in s x s blocks: ceil(11 / 4) = 3
+        out = (x.shape[-1] - k) // s + 1  # 55
+        size = (out - 1 + blocks) * s  # 228: the last window reads one zero-weighted pixel more
+        x = F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
+        b, c, n = x.shape[0], x.shape[1], size // s
+        # [b, c, n*s, n*s] -> [b, c*s*s, n, n], laid out channels-last (one copy)
+        x = x.reshape(b, c, n, s, n, s).permute(0, 2, 4, 1, 3, 5).reshape(b, n, n, c * s * s)
+        x = x.permute(0, 3, 1, 2)
+        pad = blocks * s - k
+        w = F.pad(self.weight, (0, pad, 0, pad))
+        o = w.shape[0]
+        w = w.reshape(o, c, blocks, s, blocks, s).permute(0, 1, 3, 5, 2, 4)
+        w = w.reshape(o, c * s * s, blocks, blocks).contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, w, self.bias)
+
+
+def use_space_to_depth(model: nn.Module, enabled: bool) -> None:
+    """Switch every StridedConv2d in `model` to (or from) its space-to-depth form."""
+    for module in model.modules():
+        if isinstance(module, StridedConv2d):
+            module.space_to_depth = enabled
+
+
+class AlexNet(nn.Module):
+    """5 conv blocks (Conv-BN-ReLU, max-pool after 1, 2, 5) and 3 linear layers; 227x227 input.
+
+    Module names match the notebook (`layer1`..`layer5`, `fc1`..`fc3`) so its state dicts load.
+    """
+
+    def __init__(self, config: AlexNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or AlexNetConfig()
+        p = self.config.dropout
+        self.layer1 = _conv_block(
+            3, 96, kernel_size=11, stride=4, padding=0, pool=True, conv=StridedConv2d
+        )
+        self.layer2 = _conv_block(96, 256, kernel_size=5, padding=2, pool=True)
+        self.layer3 = _conv_block(256, 384, kernel_size=3, padding=1)
+        self.layer4 = _conv_block(384, 384, kernel_size=3, padding=1)
+        self.layer5 = _conv_block(384, 256, kernel_size=3, padding=1, pool=True)
+        self.fc1 = nn.Sequential(nn.Dropout(p), nn.Linear(256 * 6 * 6, 4096), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Dropout(p), nn.Linear(4096, 4096), nn.ReLU())
+        self.fc3 = nn.Linear(4096, self.config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+        x = torch.flatten(x, 1)
+        return self.fc3(self.fc2(self.fc1(x)))
+
+
+def _conv_block(
+    c_in: int,
+    c_out: int,
+    *,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int,
+    pool: bool = False,
+    conv: type[nn.Conv2d] = nn.Conv2d,
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        conv(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(3, stride=2))
+    return nn.Sequential(*layers)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,77 @@
+"""What a user watches: the per-epoch line, the metrics file, and the end-of-run figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {m['epoch']:>{len(str(epochs))}}/{epochs}  loss {m['train_loss']:.4f}  "
+        f"train {m['train_acc']:6.2f}%  val {m['val_acc']:6.2f}%  lr {m['lr']:.3g}  "
+        f"{m['images_per_s']:,.0f} img/s  epoch {m['epoch_s']:.1f}s  elapsed {m['elapsed_s']:.1f}s"
+    )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
+    """JSON lines, one per epoch, rewritten whole: after a resume it matches the checkpoint."""
+    write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def plot_curves(path: Path, metrics: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], marker="o", ms=3, label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy (epoch mean)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_acc.plot(epochs, [m["train_acc"] for m in metrics], marker="o", ms=3, label="train")
+    ax_acc.plot(epochs, [m["val_acc"] for m in metrics], marker="o", ms=3, label="validation")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.6 + 0.6 * n))
+    ax.imshow(confusion, cmap="Blues")
+    peak = max(max(row) for row in confusion) or 1
+    for i in range(n):
+        for j in range(n):
+            value = confusion[i][j]
+            color = "white" if value > peak / 2 else "black"
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

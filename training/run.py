@@ -1,0 +1,80 @@
+"""python -m training.run: train AlexNet on CIFAR-10 (recipe `seed` reproduces the notebook).
+
+python -m training.run                              # the notebook's run, CIFAR-10 download
+python -m training.run --recipe fast --data-dir DIR # our fast recipe on an image-folder copy
+python -m training.run --resume runs/fast-.../last.pt
+torchrun --nproc_per_node=N -m training.run --recipe fast   # DistributedDataParallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from training.errors import UserError
+from training.recipes import RECIPES, TrainConfig, make_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="Recipe values: "
+        + "; ".join(
+            f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+            for name, values in RECIPES.items()
+        ),
+    )
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="seed", help="named recipe")
+    parser.add_argument(
+        "--resume", type=Path, default=None, help="continue the run whose last.pt this is"
+    )
+    for f in fields(TrainConfig):
+        if f.name == "recipe":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        per_recipe = ", ".join(f"{r}: {v.get(f.name, f.default)}" for r, v in RECIPES.items())
+        kwargs: dict = {"default": None, "help": f"{f.metadata['help']} ({per_recipe})"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.type in ("bool", "bool | None"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type in ("int",):
+            kwargs["type"] = int
+        elif f.type in ("float",):
+            kwargs["type"] = float
+        elif "Path" in str(f.type):
+            kwargs["type"] = Path
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stdout,
+    )
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "recipe"}
+    explicit = {k for k, v in values.items() if v is not None}
+    from training.trainer import train  # deferred: --help stays fast
+
+    try:
+        config = make_config(args.recipe, **values)
+        train(config, resume=args.resume, explicit=explicit)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""A whole training run: data on the device, the epoch loop, checkpoints, reports, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from training import report
+from training.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    CheckpointWriter,
+    library_versions,
+    load_checkpoint,
+    model_section,
+    to_cpu,
+)
+from training.data import Data, batch_slices, epoch_order, load_data
+from training.engine import Precision, TrainStep, evaluate
+from training.errors import UserError
+from training.model import AlexNet, AlexNetConfig, use_space_to_depth
+from training.preprocess import InputTransform, Preprocessing
+from training.recipes import TrainConfig
+from training.runtime import Distributed, init_distributed, shutdown_distributed
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run may change: where things are, not what is computed.
+RESUME_OVERRIDABLE = {"device", "data_dir", "download_root", "eval_batch_size"}
+
+
+@dataclass
+class TrainHooks:
+    """Optional callbacks, e.g. for custom logging: after each step and after each epoch."""
+
+    on_step: Callable[[int, int], None] | None = None  # (epoch, step), both 1-based
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None  # (epoch, metrics)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    last: Path
+    best: Path
+    metrics: list[dict[str, Any]]
+    test: dict[str, Any]  # of the final weights
+    best_test: dict[str, Any]  # of the best-validation weights
+    train_seconds: float  # epochs incl. validation, this process only
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    return Precision(torch.bfloat16 if bf16 else None, channels_last)
+
+
+def _use_graphs(cfg: TrainConfig, device: torch.device, dist_info: Distributed) -> bool:
+    if cfg.cuda_graphs is None:
+        return device.type == "cuda" and not dist_info.enabled
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device; drop it or use --device cuda")
+    if cfg.cuda_graphs and dist_info.enabled:
+        raise UserError("--cuda-graphs is single-GPU only; drop it under torchrun")
+    return cfg.cuda_graphs
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global RNG (augmentation, dropout) is reseeded from (seed, epoch, rank) at every
+    epoch, so a resumed run draws exactly what an uninterrupted one would, on any GPU count."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank + 7
+
+
+def _set_lr(group: dict[str, Any], value: float, as_tensor: bool, device: torch.device) -> None:
+    # A CUDA graph reads the learning rate from device memory; eager code takes a float.
+    group["lr"] = torch.tensor(value, device=device) if as_tensor else value
+
+
+def _resume_config(ckpt: dict[str, Any], cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    saved = TrainConfig.from_dict(ckpt["config"])
+    changed = sorted(
+        k for k in explicit - RESUME_OVERRIDABLE - {"out_dir"}
+        if getattr(cfg, k) != getattr(saved, k)
+    )  # fmt: skip
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise UserError(f"{flags} cannot change when resuming; the run continues with its own")
+    return replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDABLE})
+
+
+def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distributed) -> Path:
+    if resume is not None:
+        out_dir = resume.parent
+    elif cfg.out_dir is not None:
+        out_dir = cfg.out_dir
+        if (out_dir / "last.pt").exists():
+            raise UserError(
+                f"{out_dir} already holds a run; continue it with --resume {out_dir / 'last.pt'} "
+                "or choose another --out-dir"
+            )
+    else:
+        out_dir = Path("runs") / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+    if dist_info.enabled:  # every rank must agree on one folder (timestamps may differ)
+        box = [str(out_dir)]
+        dist.broadcast_object_list(box, src=0)
+        out_dir = Path(box[0])
+    return out_dir
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: Path | None = None,
+    explicit: set[str] | None = None,
+    hooks: TrainHooks | None = None,
+) -> RunResult:
+    """Run (or resume) a training run; rank 0 writes checkpoints and reports into out_dir.
+
+    `explicit` names the settings the user passed on the command line; with `resume` only
+    location settings may differ from the checkpoint's.
+    """
+    hooks = hooks or TrainHooks()
+    dist_info, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, resume, explicit or set(), hooks, dist_info, device)
+    finally:
+        shutdown_distributed()
+
+
+def _train(
+    cfg: TrainConfig,
+    resume: Path | None,
+    explicit: set[str],
+    hooks: TrainHooks,
+    dist_info: Distributed,
+    device: torch.device,
+) -> RunResult:
+    ckpt: dict[str, Any] | None = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        if "optimizer" not in ckpt:
+            raise CheckpointError(
+                f"{resume} holds weights only (a best.pt or an export); resume from last.pt"
+            )
+        cfg = _resume_config(ckpt, cfg, explicit).validate()
+        if ckpt["epoch"] >= cfg.epochs:
+            raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")
+    if cfg.batch_size % dist_info.world_size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} must split evenly over {dist_info.world_size} processes"
+        )
+    precision = _precision(cfg, device)
+    graphs = _use_graphs(cfg, device, dist_info)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
+
+    t_load = time.perf_counter()
+    prep = Preprocessing()
+    data = load_data(
+        cfg.data_dir,
+        cfg.download_root,
+        valid_size=cfg.valid_size,
+        split_seed=cfg.split_seed,
+        source_size=prep.source_size,
+    )
+    if ckpt is not None and (
+        data.classes != ckpt["classes"] or len(data.train) != ckpt["data"]["train"]
+    ):
+        raise UserError(
+            f"the data ({len(data.train)} training images, classes {data.classes}) is not what "
+            f"{resume} was trained on ({ckpt['data']['train']} images, classes {ckpt['classes']})"
+        )
+    if len(data.train) < cfg.batch_size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training images"
+        )
+    data = Data(
+        data.train.to(device),
+        data.valid.to(device),
+        data.test.to(device),
+        data.classes,
+        data.source,
+    )
+    log.info(
+        "data: %d train / %d validation / %d test images, %d classes, from %s (%.1fs)",
+        len(data.train), len(data.valid), len(data.test), len(data.classes), data.source,
+        time.perf_counter() - t_load,
+    )  # fmt: skip
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = AlexNetConfig(num_classes=len(data.classes), dropout=cfg.dropout)
+    model = AlexNet(model_cfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"]["state_dict"])
+    model = model.to(device, memory_format=torch.channels_last if precision.channels_last else None)
+    use_space_to_depth(model, device.type == "cuda")
+
+    steps_per_epoch = len(data.train) // cfg.batch_size
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:
+        _set_lr(group, float(group["lr"]), graphs, device)
+    scheduler = None
+    if cfg.schedule == "onecycle":
+        total_steps = cfg.epochs * steps_per_epoch
+        if cfg.warmup * total_steps <= 1:  # at exactly 1, OneCycleLR divides by zero
+            raise UserError(
+                f"--schedule onecycle needs a warm-up of more than 1 step, but --warmup "
+                f"{cfg.warmup} of {total_steps} steps is {cfg.warmup * total_steps:g}; train "
+                "longer (more --epochs or images, a smaller --batch-size) or raise --warmup"
+            )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total_steps,
+            pct_start=cfg.warmup,
+            cycle_momentum=False,  # momentum is baked into a CUDA graph as a constant
+        )
+        if ckpt is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+            for group, value in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                _set_lr(group, float(value), graphs, device)
+
+    trained: torch.nn.Module = model
+    if dist_info.enabled:
+        trained = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    transform = InputTransform(prep).to(device)
+    step = TrainStep(
+        trained,
+        transform,
+        optimizer,
+        data.train,
+        local_batch_size=cfg.batch_size // dist_info.world_size,
+        label_smoothing=cfg.label_smoothing,
+        augment=cfg.augment,
+        crop_padding=cfg.crop_padding,
+        precision=precision,
+    )
+
+    out_dir = _choose_out_dir(cfg, resume, dist_info)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg = replace(cfg, out_dir=out_dir)
+    metrics: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
+    best: dict[str, Any] = dict(ckpt["best"]) if ckpt else {"epoch": 0, "val_acc": -1.0}
+    start_epoch = int(ckpt["epoch"]) if ckpt else 0
+    elapsed_before = metrics[-1]["elapsed_s"] if metrics else 0.0
+    data_info = {
+        "source": data.source,
+        "train": len(data.train),
+        "valid": len(data.valid),
+        "test": len(data.test),
+    }
+
+    def checkpoint(
+        epoch: int, state: dict[str, Any], with_optimizer: bool, test: dict | None
+    ) -> dict:
+        ckpt_out: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "training",
+            "model": model_section(state, model_cfg),
+            "classes": list(data.classes),
+            "preprocessing": prep.to_dict(),
+            "recipe": cfg.recipe,
+            "config": cfg.to_dict(),
+            "epoch": epoch,
+            "step": epoch * steps_per_epoch,
+            "metrics": [dict(m) for m in metrics],
+            "best": dict(best),
+            "test": test,
+            "data": data_info,
+            "versions": library_versions(),
+            "world_size": dist_info.world_size,
+        }
+        if with_optimizer:
+            ckpt_out["optimizer"] = to_cpu(optimizer.state_dict(), non_blocking=True)
+            ckpt_out["scheduler"] = (
+                to_cpu(scheduler.state_dict(), non_blocking=True) if scheduler else None
+            )
+        return ckpt_out
+
+    def copies_done() -> torch.cuda.Event | None:
+        """An event the writer waits on before reading non-blocking snapshots."""
+        if device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    writer = CheckpointWriter() if dist_info.is_main else None
+    best_state: dict[str, torch.Tensor] | None = None
+    show_bar = dist_info.is_main and sys.stderr.isatty()
+    log.info(
+        "training %s on %s x%d: %d epochs of %d steps, batch %d, %s%s%s",
+        cfg.recipe, device, dist_info.world_size, cfg.epochs, steps_per_epoch, cfg.batch_size,
+        "bf16 autocast" if precision.amp_dtype else "fp32",
+        ", channels_last" if precision.channels_last else "",
+        ", CUDA graph" if graphs else "",
+    )  # fmt: skip
+    t_start = time.perf_counter()
+    try:
+        if graphs:
+            step.capture_graph(model)
+            log.info(
+                "captured the training step as a CUDA graph (%.1fs)", time.perf_counter() - t_start
+            )
+        for epoch in range(start_epoch, cfg.epochs):
+            t_epoch = time.perf_counter()
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist_info.rank))
+            order = epoch_order(len(data.train), epoch, cfg.seed, device)
+            batches = batch_slices(order, cfg.batch_size, dist_info.rank, dist_info.world_size)
+            step.reset_stats()
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not show_bar, unit="step")  # fmt: skip
+            last_epoch = epoch + 1 == cfg.epochs
+            for i, index in enumerate(batches):
+                step(index)
+                # Not past the final step: OneCycleLR has no value there (and would say so).
+                if scheduler is not None and not (last_epoch and i + 1 == len(batches)):
+                    scheduler.step()
+                bar.update()
+                if hooks.on_step:
+                    hooks.on_step(epoch + 1, i + 1)
+            bar.close()
+            stats = torch.stack([step.loss_sum, step.correct.float()])
+            if dist_info.enabled:
+                dist.all_reduce(stats)
+            loss_sum, correct = stats.tolist()  # waits for the epoch's last step
+            train_s = time.perf_counter() - t_epoch
+            t_val = time.perf_counter()
+            val = evaluate(model, transform, data.valid, data.classes,
+                           batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
+            val_s = time.perf_counter() - t_val
+            seen = step.steps * cfg.batch_size
+            m = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / (step.steps * dist_info.world_size),
+                "train_acc": correct / seen * 100,
+                "val_acc": val["accuracy"],
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "images_per_s": seen / train_s,
+                "train_s": train_s,
+                "val_s": val_s,
+            }
+            if dist_info.is_main and writer is not None:
+                state = to_cpu(model.state_dict(), non_blocking=True)
+                is_best = m["val_acc"] > best["val_acc"]
+                if is_best:
+                    best = {"epoch": epoch + 1, "val_acc": m["val_acc"]}
+                    best_state = state
+                m["epoch_s"] = time.perf_counter() - t_epoch
+                m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                metrics.append(m)
+                last_ckpt = checkpoint(epoch + 1, state, True, None)
+                ready = copies_done()
+                writer.submit(last_ckpt, last_path, ready)
+                if is_best:
+                    writer.submit(checkpoint(epoch + 1, state, False, None), best_path, ready)
+                report.write_metrics(out_dir / "metrics.jsonl", metrics)
+                log.info(report.epoch_line(m, cfg.epochs))
+            else:
+                m["epoch_s"] = time.perf_counter() - t_epoch
+                m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                metrics.append(m)
+            if hooks.on_epoch_end:
+                hooks.on_epoch_end(epoch + 1, m)
+        train_seconds = time.perf_counter() - t_start
+    except BaseException:
+        if writer is not None:
+            writer.close()  # the last completed epoch reaches the disk
+            if last_path.exists():
+                log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
+        raise
+
+    if not dist_info.is_main or writer is None:
+        return RunResult(out_dir, last_path, best_path, metrics, {}, {}, train_seconds)
+
+    # The notebook reports the final weights on the test set; we also test the best-validation ones.
+    final_state = to_cpu(model.state_dict())  # blocking: the model changes below
+    test = evaluate(model, transform, data.test, data.classes,
+                    batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
+    if best_state is None:  # resumed after the best epoch: it is on disk
+        best_state = load_checkpoint(best_path)["model"]["state_dict"]
+    model.load_state_dict(best_state)
+    best_test = evaluate(model, transform, data.test, data.classes,
+                         batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
+    final_ckpt = checkpoint(cfg.epochs, final_state, True, test)
+    writer.submit(final_ckpt, last_path, copies_done())
+    writer.submit(checkpoint(best["epoch"], best_state, False, best_test), best_path)
+    writer.close()
+    log.info(
+        "test accuracy %.2f%% (final weights), %.2f%% (best validation, epoch %d); "
+        "%d epochs in %.1fs incl. validation",
+        test["accuracy"], best_test["accuracy"], best["epoch"], cfg.epochs - start_epoch,
+        train_seconds,
+    )  # fmt: skip
+    title = f"AlexNet, recipe {cfg.recipe}"
+    report.plot_curves(out_dir / "curves.png", metrics, title)
+    report.plot_confusion(
+        out_dir / "confusion.png", test["confusion"], data.classes,
+        f"{title}: test {test['accuracy']:.2f}%",
+    )  # fmt: skip
+    summary = {
+        "recipe": cfg.recipe,
+        "config": cfg.to_dict(),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "world_size": dist_info.world_size,
+        "epochs": cfg.epochs,
+        "resumed_from_epoch": start_epoch,
+        "train_seconds": train_seconds,
+        "test": test,
+        "best": {**best, "test": best_test},
+        "data": data_info,
+        "versions": library_versions(),
+    }
+    report.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s, %s, metrics.jsonl, curves.png, confusion.png", last_path, best_path)
+    return RunResult(out_dir, last_path, best_path, metrics, test, best_test, train_seconds)
