@@ -15,7 +15,9 @@ import logging
 import os
 import platform
 import queue
+import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +147,19 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/last.pt")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before it refuses; the error says it all
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        # torch's weights_only refusal buries the reason in a long message; show that line.
-        detail = [line for line in lines if "Unpickler error" in line]
-        reason = (detail or lines or [type(exc).__name__])[0][:300]
+        text = str(exc)
+        if "Weights only load failed" in text:  # torch's long refusal: name the object
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            reason = "it holds pickled Python objects, which are never loaded" + (
+                f" ({found.group(1)})" if found else ""
+            )
+        else:
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            reason = re.split(r"(?<=\.) ", (lines or [type(exc).__name__])[0])[0][:200]
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt or foreign): {reason}"
         ) from None

@@ -1,0 +1,1 @@
+"""FastAPI service that serves a trained AlexNet checkpoint with dynamic batching."""

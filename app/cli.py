@@ -1,0 +1,64 @@
+"""python -m app: start the HTTP service (uvicorn) on a checkpoint. Every flag is also an
+APP_* environment variable; see `python -m app --help`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.settings import Settings
+from training.errors import UserError
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        flag = "--" + name.replace("_", "-")
+        parts.append(f"{flag} (APP_{name.upper()}): {err['msg']}, got {err.get('input')!r}")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from app.main import create_app  # deferred: --help and bad flags answer fast
+    from app.predictor import load_predictor
+
+    # Load before listening: a missing, corrupt or incompatible checkpoint is a one-line error.
+    try:
+        predictor = load_predictor(settings.checkpoint, settings.device, settings.precision)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # uvicorn re-raises the SIGTERM/SIGINT that stopped it once it has drained, which would end
+    # the process with -15 (or a KeyboardInterrupt traceback); a graceful shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": math.ceil(settings.graceful_shutdown_s),
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings, predictor), **common)
+    else:
+        del predictor  # each worker process loads its own copy
+        os.environ.update(settings.env())
+        uvicorn.run("app.main:app_from_env", factory=True, workers=settings.workers, **common)
+    return 0

@@ -1,0 +1,226 @@
+"""A Python client for the service, and `python -m app.client` to use it from a shell.
+
+from app.client import Client
+client = Client("http://127.0.0.1:8000")
+client.predict("cat.jpg")                  # {"label": "cat", "confidence": 0.91, ...}
+client.predict_many(["a.png", "b.jpg"])    # one result per path, in order
+
+python -m app.client predict cat.jpg dog.png --url http://127.0.0.1:8000
+python -m app.client evaluate --url http://127.0.0.1:8000 --data-dir DIR
+    uploads every DIR/test/<class>/* image (bounded concurrency) and reports accuracy,
+    per-class accuracy and throughput; with --compare PREDICTIONS.json (written by
+    `python -m training.evaluate ... --predictions-out`) it counts the images on which
+    the server and the offline evaluation disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from training.data import list_image_folder, resolve_image_root
+from training.errors import UserError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class APIError(Exception):
+    """The service answered with an error: `status`, `code` and `detail` from its JSON body."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "bad_response", "detail": response.text[:200]}
+    if response.status_code >= 400:
+        raise APIError(response.status_code, body.get("error", "error"), body.get("detail", ""))
+    return body
+
+
+class Client:
+    """Synchronous calls; `predict_many` and `evaluate` run requests concurrently."""
+
+    def __init__(
+        self, url: str = DEFAULT_URL, api_key: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.timeout_s = timeout_s
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout_s)
+
+    def health(self) -> dict[str, Any]:
+        with self._client() as c:
+            return c.get("/health").json()
+
+    def model(self) -> dict[str, Any]:
+        with self._client() as c:
+            return _raise_for_error(c.get("/model"))
+
+    def predict(self, path: str | Path, top_k: int = 5) -> dict[str, Any]:
+        """The prediction for one image file: label, class_id, confidence, top_k."""
+        path = Path(path)
+        with self._client() as c:
+            response = c.post(
+                "/predict", params={"top_k": top_k}, files={"file": (path.name, path.read_bytes())}
+            )
+        return _raise_for_error(response)
+
+    def predict_many(
+        self, paths: Sequence[str | Path], top_k: int = 5, concurrency: int = 16
+    ) -> list[dict[str, Any] | APIError]:
+        """One result per path, in order: a prediction, or the APIError for that file."""
+        return asyncio.run(self._predict_many([Path(p) for p in paths], top_k, concurrency))
+
+    async def _predict_many(
+        self, paths: list[Path], top_k: int, concurrency: int
+    ) -> list[dict[str, Any] | APIError]:
+        limit = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(
+            base_url=self.url, headers=self.headers, timeout=self.timeout_s, limits=limits
+        ) as c:
+
+            async def one(path: Path) -> dict[str, Any] | APIError:
+                async with limit:
+                    data = await asyncio.to_thread(path.read_bytes)
+                    for attempt in range(5):
+                        response = await c.post(
+                            "/predict", params={"top_k": top_k}, files={"file": (path.name, data)}
+                        )
+                        if response.status_code != 503 or attempt == 4:
+                            break
+                        # Busy: honour Retry-After, as a well-behaved client should.
+                        await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                    try:
+                        return _raise_for_error(response)
+                    except APIError as exc:
+                        return exc
+
+            return await asyncio.gather(*(one(p) for p in paths))
+
+
+def evaluate(
+    client: Client, data_dir: Path, concurrency: int = 16, compare: Path | None = None
+) -> dict[str, Any]:
+    """Upload every test image and score the answers (see the module docstring)."""
+    root = resolve_image_root(data_dir)
+    paths, labels, classes = list_image_folder(root / "test")
+    served_classes = client.model()["classes"]
+    if served_classes != classes:
+        raise UserError(f"the server's classes {served_classes} are not the data's {classes}")
+    start = time.perf_counter()
+    results = client.predict_many(paths, top_k=1, concurrency=concurrency)
+    seconds = time.perf_counter() - start
+    names = [p.relative_to(root).as_posix() for p in paths]
+    errors = {n: str(r) for n, r in zip(names, results, strict=True) if isinstance(r, APIError)}
+    predicted = {
+        n: r["class_id"] for n, r in zip(names, results, strict=True) if not isinstance(r, APIError)
+    }
+    correct = [0] * len(classes)
+    total = [0] * len(classes)
+    for name, label in zip(names, labels, strict=True):
+        total[label] += 1
+        correct[label] += predicted.get(name) == label
+    report: dict[str, Any] = {
+        "url": client.url,
+        "images": len(paths),
+        "errors": len(errors),
+        "error_examples": dict(list(errors.items())[:5]),
+        "accuracy": sum(correct) / len(paths) * 100,
+        "per_class": {
+            c: round(k / max(1, n) * 100, 2)
+            for c, k, n in zip(classes, correct, total, strict=True)
+        },
+        "seconds": seconds,
+        "requests_per_s": len(paths) / seconds,
+        "concurrency": concurrency,
+    }
+    if compare is not None:
+        offline: dict[str, int] = json.loads(Path(compare).read_text())
+        common = [n for n in names if n in offline and n in predicted]
+        differ = [n for n in common if offline[n] != predicted[n]]
+        report["compared"] = len(common)
+        report["disagreements"] = len(differ)
+        report["agreement"] = (1 - len(differ) / max(1, len(common))) * 100
+        report["disagreement_examples"] = {
+            n: {"offline": classes[offline[n]], "served": classes[predicted[n]]}
+            for n in differ[:20]
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
+    common.add_argument("--api-key", default=None, help="X-API-Key, when the server requires one")
+    parser = argparse.ArgumentParser(
+        prog="python -m app.client", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_predict = sub.add_parser("predict", help="classify image files", parents=[common])
+    p_predict.add_argument("images", nargs="+", type=Path)
+    p_predict.add_argument("--top-k", type=int, default=5)
+    p_eval = sub.add_parser(
+        "evaluate", help="accuracy of the served model over HTTP", parents=[common]
+    )
+    p_eval.add_argument("--data-dir", type=Path, required=True, help="DIR/test/<class>/<image>")
+    p_eval.add_argument("--concurrency", type=int, default=16)
+    p_eval.add_argument("--compare", type=Path, help="offline predictions JSON (training.evaluate)")
+    p_eval.add_argument("--json-out", type=Path, help="write the full report here")
+    args = parser.parse_args(argv)
+    client = Client(args.url, args.api_key)
+    try:
+        if args.command == "predict":
+            for path, result in zip(
+                args.images, client.predict_many(args.images, top_k=args.top_k), strict=True
+            ):
+                print(
+                    json.dumps(
+                        {
+                            "file": str(path),
+                            **({"error": str(result)} if isinstance(result, APIError) else result),
+                        }
+                    )
+                )
+            return 0
+        report = evaluate(client, args.data_dir, args.concurrency, args.compare)
+    except (UserError, APIError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach {args.url} ({exc}); is the server running?", file=sys.stderr)
+        return 2
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=1))
+    print(
+        f"{report['images']} images over HTTP: {report['accuracy']:.2f}% top-1, "
+        f"{report['errors']} errors, {report['requests_per_s']:.1f} requests/s "
+        f"(concurrency {report['concurrency']})"
+    )
+    for name, acc in report["per_class"].items():
+        print(f"  {name:<12} {acc:6.2f}%")
+    if "disagreements" in report:
+        print(
+            f"agreement with the offline evaluation: {report['agreement']:.2f}% "
+            f"({report['disagreements']} of {report['compared']} images differ)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

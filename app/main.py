@@ -1,0 +1,180 @@
+"""The app factory: `create_app(settings)` builds a service; the model loads in the background.
+
+The server accepts connections at once; /health answers 503 until the model is loaded and a
+warm-up pass has run (Docker and Kubernetes probes wait on it), then 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.metrics import Metrics
+from app.predictor import Predictor
+from app.routes import STATIC_DIR, ops, page, predictions
+from app.settings import Settings
+from app.state import APIError, ServingState
+
+log = logging.getLogger("app")
+
+
+def _error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 401: "unauthorized"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        field = loc[-1] if loc else "request"
+        if loc[:1] == ["body"] and field in ("file", "files") and err.get("type") == "missing":
+            example = "-F file=@image.jpg" if field == "file" else "-F files=@a.jpg -F files=@b.png"
+            return (
+                "no_file",
+                f"no file: send the image(s) as multipart/form-data field '{field}' "
+                f"(curl {example} ...)",
+            )
+        if field == "top_k":
+            return "bad_top_k", "top_k must be an integer from 1 to 10"
+        problems.append(f"{'.'.join(loc)}: {err.get('msg')}")
+    return "invalid_request", "; ".join(problems) or "invalid request"
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, without buffering them: at once from
+    Content-Length, or as soon as a streamed (chunked) body passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = (
+            f"the request body is over the {self.max_bytes:,}-byte limit (APP_MAX_UPLOAD_BYTES)"
+        )
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = _error(413, "too_large", detail, {"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class RequestMetrics:
+    """Count requests by route template and status, and time them."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
+    """A service for `settings` (default: from APP_* variables). Pass an already loaded
+    `predictor` to skip loading (the CLI loads first, to fail fast with a one-line error)."""
+    settings = settings or Settings()
+    state = ServingState(settings, predictor)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=state.load_and_warm_up, name="model-loader", daemon=True)
+        loader.start()
+        yield
+        # SIGTERM: uvicorn has stopped accepting and finished in-flight requests; let the
+        # inference thread answer anything still queued, then end it.
+        await asyncio.to_thread(loader.join)
+        if state.batcher is not None:
+            await asyncio.to_thread(state.batcher.stop, settings.graceful_shutdown_s)
+
+    app = FastAPI(
+        title="alexnet-serve",
+        summary="AlexNet trained on CIFAR-10, served with dynamic batching.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        code, detail = _validation_message(exc)
+        return _error(422, code, detail)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal_error", "internal error; the server log has the details")
+
+    app.include_router(predictions)
+    app.include_router(ops)
+    app.include_router(page)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` and for worker processes: settings from APP_* only."""
+    return create_app(Settings())
+
+
+def state_of(app: Any) -> ServingState:
+    return app.state.serving

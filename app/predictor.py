@@ -1,0 +1,84 @@
+"""The model on its device: load, warm up, and turn a batch of 32x32 uint8 images into
+probabilities, through the same preprocessing and forward code that training evaluates with."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.artifact import InferenceModel, load_for_inference
+from training.engine import Precision, forward_logits, prepare_for_inference
+from training.preprocess import InputTransform
+from training.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    loaded: InferenceModel
+    device: torch.device
+    precision: str  # "fp32" or "bf16", resolved
+    transform: InputTransform = field(init=False)
+    _precision: Precision = field(init=False)
+    warmup_report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._precision = prepare_for_inference(self.loaded.model, self.device, self.precision)
+        self.transform = InputTransform(self.loaded.preprocessing).to(self.device)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.loaded.classes
+
+    @property
+    def source_size(self) -> int:
+        return self.loaded.preprocessing.source_size
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, 32, 32] on the CPU -> float32 probabilities [B, classes] on the CPU."""
+        x = images.to(self.device, non_blocking=True)
+        logits = forward_logits(self.loaded.model, self.transform, x, self._precision)
+        return logits.float().softmax(dim=1).cpu()
+
+    def set_precision(self, precision: str) -> None:
+        self._precision = prepare_for_inference(self.loaded.model, self.device, precision)
+        self.precision = precision
+
+    def warm_up(self, max_batch_size: int, choose_precision: bool) -> None:
+        """Run the shapes we will serve once (cuDNN autotuning, allocator, lazy init); on a CPU
+        with `choose_precision`, time fp32 against bf16 and keep the faster."""
+        size = self.source_size
+        full = torch.randint(0, 256, (max_batch_size, 3, size, size), dtype=torch.uint8)
+        candidates = ["fp32", "bf16"] if choose_precision else [self.precision]
+        timings: dict[str, float] = {}
+        for name in candidates:
+            self.set_precision(name)
+            self.predict(full[:1])
+            self.predict(full)
+            start = time.perf_counter()
+            self.predict(full)
+            timings[name] = time.perf_counter() - start
+        best = min(timings, key=timings.__getitem__)
+        self.set_precision(best)
+        self.predict(full[:1])
+        self.warmup_report = {
+            "batch": max_batch_size,
+            "seconds_per_batch": {k: round(v, 4) for k, v in timings.items()},
+            "chosen": best,
+        }
+        log.info("warm-up on %s: %s", self.device, self.warmup_report)
+
+
+def load_predictor(checkpoint: Path, device_spec: str, precision: str) -> Predictor:
+    """Load the model (CheckpointError/UserError on any problem) and place it on its device."""
+    device = resolve_device(device_spec)
+    loaded = load_for_inference(checkpoint)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"  # CPU: decided at warm-up
+    return Predictor(loaded, device, precision)

@@ -1,0 +1,252 @@
+"""Endpoints: predictions (API key when configured) and operations (health, model, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from app.batching import DeadlineExceeded, QueueFull
+from app.decoding import ImageError, decode_upload
+from app.schemas import (
+    Accuracy,
+    Batching,
+    BatchItem,
+    BatchResponse,
+    ClassScore,
+    ErrorBody,
+    Health,
+    ModelIdentity,
+    ModelInfo,
+    Prediction,
+)
+from app.state import APIError, ServingState
+
+ERRORS = {
+    400: {"model": ErrorBody, "description": "empty, truncated or corrupt image; too many files"},
+    401: {"model": ErrorBody, "description": "API key required (X-API-Key) or wrong"},
+    413: {"model": ErrorBody, "description": "body over the upload limit, or too many pixels"},
+    415: {"model": ErrorBody, "description": "not an image, or an unsupported format"},
+    422: {"model": ErrorBody, "description": "no file in field 'file'/'files', bad top_k"},
+    503: {"model": ErrorBody, "description": "model not ready, or queue full (see Retry-After)"},
+    504: {"model": ErrorBody, "description": "no result within the request timeout"},
+}
+
+
+def serving(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(serving)]
+TopK = Annotated[int, Query(ge=1, le=10, description="how many classes to return, 1..10")]
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="set APP_API_KEY to require it"
+)
+
+
+def require_api_key(state: State, key: Annotated[str | None, Depends(_api_key_header)]) -> None:
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    if key is None or not secrets.compare_digest(
+        key.encode(), expected.get_secret_value().encode()
+    ):
+        raise APIError(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send it in the X-API-Key header",
+            {"WWW-Authenticate": "X-API-Key"},
+        )
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+predictions = APIRouter(
+    tags=["predictions"], dependencies=[Depends(require_api_key)], responses=ERRORS
+)
+ops = APIRouter(tags=["operations"])
+page = APIRouter(include_in_schema=False)
+
+
+@page.get("/")
+def index() -> FileResponse:
+    """A page for people: choose or drop images, see the top classes (app/static/)."""
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction:
+    values, indices = probs.topk(min(k, len(classes)))
+    top = [
+        ClassScore(label=classes[i], class_id=i, probability=round(float(p), 6))
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+    return Prediction(
+        label=top[0].label, class_id=top[0].class_id, confidence=top[0].probability, top_k=top
+    )
+
+
+async def _decode(state: ServingState, upload: UploadFile, size: int) -> torch.Tensor:
+    data = await upload.read()
+    try:
+        return await run_in_threadpool(
+            decode_upload, data, max_pixels=state.settings.max_image_pixels, size=size
+        )
+    except ImageError as exc:
+        state.metrics.image_errors.labels(exc.code).inc()
+        raise
+
+
+async def _infer(state: ServingState, images: list[torch.Tensor], ticket) -> list[torch.Tensor]:
+    _, batcher = state.require_ready()
+    try:
+        probs = await batcher.predict(images, state.settings.request_timeout_s, ticket)
+    except QueueFull as exc:
+        raise APIError(
+            503, "busy", f"the server is busy: {exc}; retry shortly", {"Retry-After": "1"}
+        ) from None
+    except DeadlineExceeded as exc:
+        raise APIError(504, "timeout", f"the prediction took too long: {exc}") from None
+    state.metrics.images.inc(len(images))
+    return probs
+
+
+@predictions.post("/predict", response_model=Prediction, summary="Classify one image")
+async def predict(
+    state: State,
+    file: Annotated[
+        UploadFile, File(description="one image: JPEG, PNG, WebP, BMP or GIF, any size")
+    ],
+    top_k: TopK = 5,
+) -> Prediction:
+    predictor, batcher = state.require_ready()
+    with batcher.incoming() as ticket:
+        try:
+            image = await _decode(state, file, predictor.source_size)
+        except ImageError as exc:
+            raise APIError(exc.status, exc.code, exc.detail) from None
+        [probs] = await _infer(state, [image], ticket)
+    return to_prediction(probs, predictor.classes, top_k)
+
+
+@predictions.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    summary="Classify several images; a bad file gets an error in its slot",
+)
+async def predict_batch(
+    state: State,
+    files: Annotated[list[UploadFile], File(description="1..max_batch_files images")],
+    top_k: TopK = 5,
+) -> BatchResponse:
+    predictor, batcher = state.require_ready()
+    limit = state.settings.max_batch_files
+    if len(files) > limit:
+        raise APIError(
+            413,
+            "too_many_files",
+            f"{len(files)} files sent; at most {limit} per call (APP_MAX_BATCH_FILES)",
+        )
+    with batcher.incoming() as ticket:
+        decoded = await asyncio.gather(
+            *(_decode(state, f, predictor.source_size) for f in files), return_exceptions=True
+        )
+        for result in decoded:
+            if isinstance(result, BaseException) and not isinstance(result, ImageError):
+                raise result
+        good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
+        probs = await _infer(state, [decoded[i] for i in good], ticket)
+    by_index = dict(zip(good, probs, strict=True))
+    results = []
+    for i, (upload, result) in enumerate(zip(files, decoded, strict=True)):
+        item = BatchItem(index=i, filename=upload.filename)
+        if isinstance(result, ImageError):
+            item.error = ErrorBody(error=result.code, detail=result.detail)
+        else:
+            item.prediction = to_prediction(by_index[i], predictor.classes, top_k)
+        results.append(item)
+    return BatchResponse(results=results)
+
+
+def _identity(state: ServingState) -> ModelIdentity | None:
+    if state.predictor is None:
+        return None
+    info = state.predictor.loaded.info
+    return ModelIdentity(
+        architecture=info["architecture"],
+        sha256=info["sha256"],
+        recipe=info.get("recipe"),
+        test_accuracy=info.get("test_accuracy"),
+    )
+
+
+@ops.get(
+    "/health",
+    response_model=Health,
+    summary="200 once the model is loaded and warmed up; 503 before, or if it failed",
+    responses={503: {"model": Health}},
+)
+def health(state: State, response: Response) -> Health:
+    if state.status != "ok":
+        response.status_code = 503
+    predictor = state.predictor
+    return Health(
+        status=state.status,  # type: ignore[arg-type]
+        device=str(predictor.device) if predictor else None,
+        precision=predictor.precision if predictor and state.status == "ok" else None,
+        model=_identity(state),
+        detail=state.detail,
+    )
+
+
+@ops.get(
+    "/model",
+    response_model=ModelInfo,
+    summary="What is served, and how",
+    responses={503: {"model": ErrorBody}},
+)
+def model_info(state: State) -> ModelInfo:
+    predictor, _ = state.require_ready()
+    info, loaded, s = predictor.loaded.info, predictor.loaded, state.settings
+    return ModelInfo(
+        architecture=info["architecture"],
+        model_args=info["model_args"],
+        classes=loaded.classes,
+        input_size=loaded.preprocessing.input_size,
+        source_size=loaded.preprocessing.source_size,
+        preprocessing=loaded.preprocessing.to_dict(),
+        accuracy=Accuracy(
+            test=info.get("test_accuracy"),
+            test_per_class=info.get("test_per_class"),
+            validation=info.get("validation_accuracy"),
+            best_validation=info.get("best_validation"),
+            checkpoint_test=info.get("checkpoint_test_accuracy"),
+        ),
+        recipe=info.get("recipe"),
+        epochs=info.get("epoch"),
+        checkpoint=Path(info["path"]).name,
+        checkpoint_format=info["format"],
+        sha256=info["sha256"],
+        quantization=info.get("quantization"),
+        device=str(predictor.device),
+        precision=predictor.precision,
+        warmup=predictor.warmup_report,
+        batching=Batching(
+            max_batch_size=s.max_batch_size,
+            max_batch_delay_ms=s.max_batch_delay_ms,
+            max_queue=s.max_queue,
+            request_timeout_s=s.request_timeout_s,
+        ),
+    )
+
+
+@ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,91 @@
+"""Every setting of the service: a CLI flag and an APP_* environment variable, typed, validated."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def setting(default: Any, description: str, **kwargs: Any) -> Any:
+    return Field(default, description=description, **kwargs)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APP_",
+        cli_prog_name="python -m app",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    checkpoint: Path = setting(
+        Path("weights"), "exported model folder (weights/) or a training checkpoint file (last.pt)"
+    )
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "auto: bf16 on CUDA; on CPU whichever of fp32/bf16 runs faster at warm-up"
+    )
+    host: str = setting("127.0.0.1", "interface to listen on (0.0.0.0 in a container)")
+    port: int = setting(8000, "TCP port", ge=1, le=65535)
+    max_batch_size: int = setting(32, "images per forward pass, at most", ge=1, le=1024)
+    max_batch_delay_ms: float = setting(
+        2.0, "a batch closes this long after its first image (or when full)", ge=0, le=1000
+    )
+    max_queue: int = setting(
+        256, "images waiting for the model; beyond it: 503 + Retry-After", ge=1
+    )
+    request_timeout_s: float = setting(10.0, "a request waiting longer gets 504", gt=0)
+    max_upload_bytes: int = setting(
+        10 * 1024 * 1024, "largest request body in bytes; larger: 413, refused unread", ge=1024
+    )
+    max_image_pixels: int = setting(
+        25_000_000, "largest image (width x height) decoded; larger: 413", ge=1
+    )
+    max_batch_files: int = setting(32, "most files in one /predict/batch call", ge=1)
+    api_key: SecretStr | None = setting(
+        None, "when set, /predict and /predict/batch need it in the X-API-Key header"
+    )
+    workers: int = setting(1, "server processes (each loads its own model copy)", ge=1)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = setting(
+        "info", "log level"
+    )
+    graceful_shutdown_s: float = setting(
+        30.0, "on SIGTERM, time allowed for in-flight requests", ge=0
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.match(value):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    def env(self) -> dict[str, str]:
+        """These settings as APP_* variables (for worker processes that rebuild them)."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            out[f"APP_{name.upper()}"] = str(value)
+        return out
+
+
+# --help names each flag's environment variable too.
+for _name, _field in Settings.model_fields.items():
+    _field.description = f"{_field.description} [env APP_{_name.upper()}]"
+Settings.model_rebuild(force=True)

@@ -1,0 +1,256 @@
+"""The real thing: `python -m app` in a subprocess, spoken to over TCP.
+
+One server for the module (startup costs seconds): HTTP answers, a streamed upload over the
+limit, clients that vanish mid-request, and last, SIGTERM while requests are in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from tests.app import images
+from tests.app.support import (
+    CLASSES,
+    Reference,
+    assert_error,
+    free_port,
+    parse_metrics,
+    sample,
+    served_probs,
+)
+from tests.helpers import ROOT, cli_env
+
+pytestmark = pytest.mark.slow
+
+MAX_UPLOAD = 200_000
+MAX_BATCH = 16
+START_TIMEOUT_S = 90
+TOLERANCE = 1e-5
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    port: int
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(artifact: Path, log: Path) -> Server:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
+        "--device", "cpu", "--precision", "fp32", "--max-batch-size", str(MAX_BATCH),
+        "--max-batch-delay-ms", "300", "--max-upload-bytes", str(MAX_UPLOAD),
+        "--graceful-shutdown-s", "60", "--log-level", "info",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    server = Server(process, f"http://127.0.0.1:{port}", port, log)
+    pause = threading.Event()
+    for _ in range(START_TIMEOUT_S * 10):
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}):\n{server.output()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        pause.wait(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"no 200 from /health in {START_TIMEOUT_S} s:\n{server.output()}")
+
+
+@pytest.fixture(scope="module")
+def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(artifact, tmp_path_factory.mktemp("server") / "server.log")
+    yield server
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
+# ---- raw HTTP/1.1, for what httpx will not do (half requests, vanishing clients) --------------
+
+
+def raw_request(url: str, method: str = "POST", **kwargs: Any) -> bytes:
+    """The bytes of an HTTP/1.1 request (Connection: close), built by httpx."""
+    request = httpx.Request(method, url, **kwargs)
+    body = request.read()
+    target = request.url.raw_path.decode()
+    head = [f"{method} {target} HTTP/1.1", *(f"{k}: {v}" for k, v in request.headers.items())]
+    head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class RawResponse:
+    status: int
+    body: bytes
+
+
+def read_response(sock: socket.socket) -> RawResponse:
+    sock.settimeout(60)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return RawResponse(status, body)
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=60)
+
+
+def predict_batch_request(server: Server, seeds: list[int]) -> bytes:
+    files = images.uploads(*(images.png(seed) for seed in seeds))
+    return raw_request(server.url + "/predict/batch", files=files, params={"top_k": 10})
+
+
+# ---- the tests, in order ----------------------------------------------------------------------
+
+
+def test_serves_predictions_over_http(server: Server, reference: Reference) -> None:
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["device"] == "cpu"
+    data = images.png(1, (50, 40), mode="RGBA")
+    response = httpx.post(
+        server.url + "/predict", files=images.upload(data), params={"top_k": 10}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    served = served_probs(response.json())
+    assert torch.allclose(served, reference.probs(data)[0].double(), atol=TOLERANCE, rtol=0)
+    info = httpx.get(server.url + "/model").json()
+    assert info["classes"] == CLASSES
+    assert info["checkpoint_format"] == "artifact"
+    assert info["batching"]["max_batch_size"] == MAX_BATCH
+    assert httpx.get(server.url + "/docs").status_code == 200
+    metrics = parse_metrics(httpx.get(server.url + "/metrics").text)
+    assert sample(metrics, "http_requests_total", endpoint="/predict", method="POST", status="200")
+
+
+def test_a_streamed_upload_over_the_limit_is_refused(server: Server) -> None:
+    """A chunked body (no Content-Length) is cut off once it passes the limit: 413."""
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Type: multipart/form-data; boundary=xyz\r\nConnection: close\r\n\r\n"
+    )
+    part = b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n"
+    chunk = b"\0" * 16_384
+    with connect(server) as sock:
+        sock.sendall(head.encode() + b"%x\r\n%s\r\n" % (len(part), part))
+        sent = 0
+        while sent < 4 * MAX_UPLOAD:
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+            if select.select([sock], [], [], 0.05)[0]:
+                break  # the server has answered: stop sending
+        response = read_response(sock)
+    assert response.status == 413, response
+    assert sent < 4 * MAX_UPLOAD  # refused while the body was still coming
+    assert_error(httpx.Response(413, content=response.body, headers=JSON), 413, "too_large")
+
+
+JSON = {"content-type": "application/json"}
+
+
+def test_vanishing_clients_do_not_break_their_batch_mates(
+    server: Server, reference: Reference
+) -> None:
+    uploads = [images.png(200 + i) for i in range(6)]
+    expected = reference.probs(*uploads).double()
+    half = predict_batch_request(server, [1, 2, 3])
+    full = predict_batch_request(server, [4, 5])
+    barrier = threading.Barrier(len(uploads) + 2)
+
+    def good(i: int) -> httpx.Response:
+        barrier.wait()
+        files, params = images.upload(uploads[i]), {"top_k": 10}
+        return httpx.post(server.url + "/predict", files=files, params=params, timeout=60)
+
+    def sends_half_and_leaves() -> None:
+        with connect(server) as sock:
+            barrier.wait()
+            sock.sendall(half[: len(half) // 2])
+
+    def sends_all_and_leaves() -> None:
+        with connect(server) as sock:
+            barrier.wait()
+            sock.sendall(full)  # and closes before reading the answer
+
+    with ThreadPoolExecutor(len(uploads) + 2) as pool:
+        rude = [pool.submit(sends_half_and_leaves), pool.submit(sends_all_and_leaves)]
+        answers = list(pool.map(good, range(len(uploads))))
+        for future in rude:
+            future.result()
+    for response, probs in zip(answers, expected, strict=True):
+        assert response.status_code == 200, response.text
+        assert torch.allclose(served_probs(response.json()), probs, atol=TOLERANCE, rtol=0)
+    assert httpx.get(server.url + "/health").status_code == 200
+    again = httpx.post(server.url + "/predict", files=images.upload(uploads[0]), timeout=60)
+    assert again.status_code == 200
+    assert "Traceback" not in server.output()
+
+
+def test_sigterm_answers_requests_in_flight_then_exits_0(server: Server) -> None:
+    seeds = [list(range(300 + 16 * i, 316 + 16 * i)) for i in range(5)]  # 5 x 16 images
+    total = sum(len(s) for s in seeds)
+    requests = [predict_batch_request(server, s) for s in seeds]
+    sigterm_sent = threading.Event()
+    before = parse_metrics(httpx.get(server.url + "/metrics").text)
+
+    def images_accepted() -> float:
+        """Images queued or already in a forward pass since `before`: each request that got
+        this far is in flight in the server, past parsing and decoding."""
+        now = parse_metrics(httpx.get(server.url + "/metrics").text)
+        done = sample(now, "inference_batch_size_sum") - sample(before, "inference_batch_size_sum")
+        return done + sample(now, "inference_queue_depth")
+
+    def send(request: bytes) -> tuple[RawResponse, bool]:
+        with connect(server) as sock:
+            sock.sendall(request)
+            response = read_response(sock)
+        return response, sigterm_sent.is_set()
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(send, r) for r in requests]
+        pause = threading.Event()
+        for _ in range(600):
+            if images_accepted() >= total:
+                break
+            pause.wait(0.05)
+        assert images_accepted() >= total, "the requests did not all reach the batcher"
+        server.process.send_signal(signal.SIGTERM)
+        sigterm_sent.set()
+        results = [f.result() for f in futures]
+    assert server.process.wait(timeout=90) == 0, server.output()
+    for (response, _), request_seeds in zip(results, seeds, strict=True):
+        assert response.status == 200, response
+        assert response.body.count(b'"prediction":{') == len(request_seeds)
+    assert any(after for _, after in results), "every answer came before SIGTERM: nothing drained"
+    assert "Traceback" not in server.output()

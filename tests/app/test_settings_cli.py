@@ -1,0 +1,243 @@
+"""Settings (flags and APP_* variables) and `python -m app`'s failures before it listens: each is
+exit code 2 and one `error:` line, without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import SecretStr, ValidationError
+
+from app.cli import main
+from app.settings import Settings
+from tests.app.conftest import ServedModel
+from tests.app.support import API_KEY
+from tests.helpers import assert_one_line_error, cli_env, run_cli
+from training.artifact import INDEX_NAME
+
+
+@pytest.fixture(autouse=True)
+def no_app_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read APP_* variables: start each test without any."""
+    for name in list(os.environ):
+        if name.startswith("APP_"):
+            monkeypatch.delenv(name)
+
+
+# ---- Settings ---------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    s = Settings()
+    assert s.checkpoint == Path("weights")
+    assert (s.device, s.precision, s.host, s.port) == ("auto", "auto", "127.0.0.1", 8000)
+    assert s.api_key is None
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("APP_DEVICE", "CPU")
+    monkeypatch.setenv("APP_API_KEY", API_KEY)
+    s = Settings()
+    assert s.max_batch_size == 4
+    assert s.device == "cpu"
+    assert isinstance(s.api_key, SecretStr) and s.api_key.get_secret_value() == API_KEY
+    assert API_KEY not in repr(s)
+
+
+def test_flags_override_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APP_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("APP_PORT", "9000")
+    s = Settings(_cli_parse_args=["--max-batch-size", "8", "--max-batch-delay-ms", "5.5"])
+    assert (s.max_batch_size, s.max_batch_delay_ms, s.port) == (8, 5.5, 9000)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", " CUDA:0 "])
+def test_device_spellings(device: str) -> None:
+    assert Settings(device=device).device == device.strip().lower()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"device": "tpu"},
+        {"device": "cuda:x"},
+        {"max_batch_size": 0},
+        {"max_batch_size": 1025},
+        {"port": 0},
+        {"precision": "fp16"},
+        {"request_timeout_s": 0},
+        {"max_upload_bytes": 10},
+        {"max_batch_delay_ms": -1},
+    ],
+)
+def test_invalid_values_are_refused(values: dict) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**values)
+
+
+def test_an_empty_api_key_means_none() -> None:
+    assert Settings(api_key="").api_key is None
+
+
+def test_env_round_trip_rebuilds_the_same_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What worker processes get: settings -> APP_* variables -> equal settings."""
+    original = Settings(
+        checkpoint=Path("/srv/model"),
+        device="cpu",
+        max_batch_size=7,
+        max_batch_delay_ms=3.5,
+        api_key=API_KEY,
+        log_level="warning",
+    )
+    env = original.env()
+    assert env["APP_API_KEY"] == API_KEY
+    assert env["APP_MAX_BATCH_SIZE"] == "7"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rebuilt = Settings()
+    assert rebuilt.model_dump(exclude={"api_key"}) == original.model_dump(exclude={"api_key"})
+    assert rebuilt.api_key is not None and rebuilt.api_key.get_secret_value() == API_KEY
+    assert "APP_API_KEY" not in Settings(api_key="").env()  # no key: none passed on
+
+
+# ---- python -m app: fast failures -------------------------------------------------------------
+
+
+def test_help_lists_the_flags_and_their_variables() -> None:
+    result = run_cli("-m", "app", "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--checkpoint", "--device", "--max-batch-size", "--api-key", "--precision"):
+        assert flag in result.stdout
+    assert "APP_MAX_BATCH_SIZE" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--max-batch-size", "0"], ["--max-batch-size", "APP_MAX_BATCH_SIZE"]),
+        (["--max-batch-size", "abc"], ["--max-batch-size", "abc"]),
+        (["--device", "tpu"], ["--device", "tpu"]),
+        (["--precision", "fp16"], ["--precision"]),
+        (["--port", "70000"], ["--port"]),
+    ],
+)
+def test_an_invalid_flag_is_one_line(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(run_cli("-m", "app", *args, timeout=60), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("APP_PORT", "abc"), ("APP_MAX_BATCH_SIZE", "0"), ("APP_DEVICE", "tpu")],
+)
+def test_an_invalid_environment_variable_is_one_line(name: str, value: str) -> None:
+    result = run_cli("-m", "app", timeout=60, env=cli_env(**{name: value}))
+    assert_one_line_error(result, name, value)
+
+
+# ---- python -m app: a checkpoint that cannot be served ----------------------------------------
+
+
+def linked_copy(artifact: Path, dest: Path) -> Path:
+    """The artifact as a folder of symlinks to its shards and a copy of its model.json, so that
+    one file can be broken without copying the others."""
+    dest.mkdir()
+    for path in artifact.iterdir():
+        if path.name == INDEX_NAME:
+            shutil.copy(path, dest / path.name)
+        else:
+            (dest / path.name).symlink_to(path)
+    return dest
+
+
+def smallest_shard(folder: Path) -> Path:
+    files = json.loads((folder / INDEX_NAME).read_text())["files"]
+    return folder / min(files, key=lambda name: files[name]["bytes"])
+
+
+def replace_shard(folder: Path, change) -> str:
+    shard = smallest_shard(folder)
+    data = bytearray(shard.read_bytes())
+    shard.unlink()
+    new = change(data)
+    if new is not None:
+        shard.write_bytes(bytes(new))
+    return shard.name
+
+
+def flip_a_byte(data: bytearray) -> bytearray:
+    data[len(data) // 2] ^= 0xFF
+    return data
+
+
+BROKEN_ARTIFACTS = [
+    pytest.param(flip_a_byte, "sha256", id="tampered-shard"),
+    pytest.param(lambda data: data[: len(data) // 2], "truncated", id="truncated-shard"),
+    pytest.param(lambda data: None, "missing", id="missing-shard"),
+]
+
+
+def expect_cli_error(args: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+    """`main(args)` (in process: the same code as `python -m app`, without a torch import per
+    case) returns 2 with one `error:` line."""
+    assert main([*args, "--device", "cpu"]) == 2
+    completed = subprocess.CompletedProcess(args, 2, "", capsys.readouterr().err)
+    return assert_one_line_error(completed, *fragments)
+
+
+@pytest.mark.parametrize(("change", "fragment"), BROKEN_ARTIFACTS)
+def test_a_broken_artifact_is_one_line(
+    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change, fragment: str
+) -> None:
+    broken = linked_copy(artifact, tmp_path / "weights")
+    name = replace_shard(broken, change)
+    expect_cli_error(["--checkpoint", str(broken)], capsys, name, fragment)
+
+
+def test_artifact_problems_in_model_json_are_one_line(
+    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = linked_copy(artifact, tmp_path / "weights")
+    index = folder / INDEX_NAME
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])
+    expect_cli_error(["--checkpoint", str(folder)], capsys, "not valid JSON")
+    index.write_text(json.dumps({**json.loads(text), "format_version": 99}))
+    expect_cli_error(["--checkpoint", str(folder)], capsys, "version 99")
+    index.unlink()
+    expect_cli_error(["--checkpoint", str(folder)], capsys, "no model.json")
+
+
+def test_a_bad_checkpoint_file_is_one_line(
+    served_model: ServedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expect_cli_error(["--checkpoint", str(tmp_path / "missing.pt")], capsys, "does not exist")
+    truncated = tmp_path / "last.pt"
+    with open(served_model.checkpoint, "rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    expect_cli_error(["--checkpoint", str(truncated)], capsys, "not a readable checkpoint")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 64)
+    expect_cli_error(["--checkpoint", str(garbage)], capsys, "not a readable checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    expect_cli_error(["--checkpoint", str(foreign)], capsys, "not an alexnet-serve checkpoint")
+
+
+@pytest.mark.slow
+def test_python_m_app_refuses_a_broken_artifact_before_listening(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """The real command: exit 2, one line, no traceback, and never a server."""
+    broken = linked_copy(artifact, tmp_path / "weights")
+    name = replace_shard(broken, flip_a_byte)
+    result = run_cli("-m", "app", "--checkpoint", broken, "--device", "cpu", timeout=120)
+    assert_one_line_error(result, name, "sha256")
+    assert "Uvicorn running" not in result.stderr + result.stdout
+    missing = run_cli("-m", "app", "--checkpoint", tmp_path / "nothing", "--device", "cpu")
+    assert_one_line_error(missing, "does not exist")
