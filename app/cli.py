@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 
 import uvicorn
 from pydantic import ValidationError
@@ -60,5 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         del predictor  # each worker process loads its own copy
         os.environ.update(settings.env())
-        uvicorn.run("app.main:app_from_env", factory=True, workers=settings.workers, **common)
+        with tempfile.TemporaryDirectory(prefix="alexnet-serve-metrics-") as metrics_dir:
+            # Before the workers import prometheus-client: /metrics then sums all processes.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            uvicorn.run("app.main:app_from_env", factory=True, workers=settings.workers, **common)
     return 0

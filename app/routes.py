@@ -11,7 +11,7 @@ import torch
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
 from app.batching import DeadlineExceeded, QueueFull
@@ -249,4 +249,4 @@ def model_info(state: State) -> ModelInfo:
 
 @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

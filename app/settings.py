@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,9 @@ class Settings(BaseSettings):
         None, "when set, /predict and /predict/batch need it in the X-API-Key header"
     )
     workers: int = setting(1, "server processes (each loads its own model copy)", ge=1)
+    threads: int | None = setting(
+        None, "CPU threads per process for the model (default: CPU cores / workers)", ge=1
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = setting(
         "info", "log level"
     )
@@ -72,6 +76,9 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    def torch_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def env(self) -> dict[str, str]:
         """These settings as APP_* variables (for worker processes that rebuild them)."""

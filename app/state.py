@@ -6,6 +6,8 @@ import logging
 import threading
 from pathlib import Path
 
+import torch
+
 from app.batching import DynamicBatcher
 from app.metrics import Metrics
 from app.predictor import Predictor, load_predictor
@@ -48,6 +50,8 @@ class ServingState:
 
     def load_and_warm_up(self) -> None:
         s = self.settings
+        # Several processes on one CPU share its cores instead of all fighting for all of them.
+        torch.set_num_threads(s.torch_threads())
         try:
             if self.predictor is None:
                 self.predictor = load_predictor(s.checkpoint, s.device, s.precision)
