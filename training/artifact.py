@@ -25,7 +25,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from training.checkpoint import CheckpointError, build_model, load_checkpoint, preprocessing_of
+from training.checkpoint import (
+    CheckpointError,
+    build_model,
+    check_header,
+    load_checkpoint,
+    preprocessing_of,
+)
 from training.model import ARCHITECTURE, AlexNet, AlexNetConfig
 from training.preprocess import Preprocessing
 
@@ -198,17 +204,10 @@ def read_index(folder: Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(index, dict) or index.get("format") != ARTIFACT_FORMAT:
-        raise CheckpointError(f"{path} is not an alexnet-serve artifact index")
-    if index.get("format_version") != ARTIFACT_VERSION:
-        raise CheckpointError(
-            f"{path} has artifact version {index.get('format_version')}, "
-            f"this code reads {ARTIFACT_VERSION}"
-        )
-    if index.get("model", {}).get("architecture") != ARCHITECTURE:
-        raise CheckpointError(
-            f"{path} holds architecture {index.get('model')}, expected {ARCHITECTURE}"
-        )
+    check_header(
+        index, path, ARTIFACT_FORMAT, ARTIFACT_VERSION, what="artifact index",
+        hint="export one with python -m training.export",
+    )  # fmt: skip
     return index
 
 

@@ -163,22 +163,28 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt or foreign): {reason}"
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is not an alexnet-serve checkpoint (no '{FORMAT}' format marker); "
-            "pass a last.pt or best.pt written by python -m training.run"
-        )
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {ckpt.get('format_version')}, "
-            f"this code reads version {FORMAT_VERSION}"
-        )
-    if ckpt.get("model", {}).get("architecture") != ARCHITECTURE:
-        raise CheckpointError(
-            f"{path} holds architecture {ckpt.get('model', {}).get('architecture')!r}, "
-            f"expected {ARCHITECTURE!r}"
-        )
+    check_header(
+        ckpt, path, FORMAT, FORMAT_VERSION, what="checkpoint",
+        hint="pass a last.pt or best.pt written by python -m training.run",
+    )  # fmt: skip
     return ckpt
+
+
+def check_header(data: Any, path: Path, fmt: str, version: int, *, what: str, hint: str) -> None:
+    """The format marker, format version and architecture that both file formats carry."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise CheckpointError(
+            f"{path} is not an alexnet-serve {what} (no '{fmt}' format marker); {hint}"
+        )
+    if data.get("format_version") != version:
+        raise CheckpointError(
+            f"{path} has format version {data.get('format_version')}, this code reads version {version}"
+        )
+    architecture = (data.get("model") or {}).get("architecture")
+    if architecture != ARCHITECTURE:
+        raise CheckpointError(
+            f"{path} holds architecture {architecture!r}, expected {ARCHITECTURE!r}"
+        )
 
 
 def build_model(ckpt: dict[str, Any]) -> AlexNet:
