@@ -118,7 +118,7 @@ def evaluate(
     client: Client, data_dir: Path, concurrency: int = 16, compare: Path | None = None
 ) -> dict[str, Any]:
     """Upload every test image and score the answers (see the module docstring)."""
-    root = resolve_image_root(data_dir)
+    root = resolve_image_root(data_dir, "test")
     paths, labels, classes = list_image_folder(root / "test")
     served_classes = client.model()["classes"]
     if served_classes != classes:

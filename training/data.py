@@ -119,17 +119,17 @@ def image_extensions() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def resolve_image_root(data_dir: Path) -> Path:
-    """`data_dir`, or its single subfolder holding train/ (an unpacked archive's top folder)."""
+def resolve_image_root(data_dir: Path, split: str = "train") -> Path:
+    """`data_dir`, or its single subfolder holding `split`/ (an unpacked archive's top folder)."""
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory")
-    if (data_dir / "train").is_dir():
+    if (data_dir / split).is_dir():
         return data_dir
-    nested = [d for d in data_dir.iterdir() if d.is_dir() and (d / "train").is_dir()]
+    nested = [d for d in data_dir.iterdir() if d.is_dir() and (d / split).is_dir()]
     if len(nested) == 1:
         return nested[0]
     raise UserError(
-        f"--data-dir {data_dir} has no train/ folder; expected {data_dir}/train/<class>/<image> "
+        f"--data-dir {data_dir} has no {split}/ folder; expected {data_dir}/train/<class>/<image> "
         f"and {data_dir}/test/<class>/<image>"
     )
 
@@ -208,7 +208,7 @@ def load_test_split(
     if data_dir is None:
         _, test, classes = load_cifar10(download_root)
         return test, classes, [f"test/{i}" for i in range(len(test))]
-    root = resolve_image_root(data_dir)
+    root = resolve_image_root(data_dir, "test")
     paths, labels, classes = list_image_folder(root / "test")
     log.info("decoding %d test images from %s", len(paths), root)
     split = Split(decode_images(paths, size), torch.tensor(labels, dtype=torch.long))

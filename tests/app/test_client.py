@@ -1,0 +1,96 @@
+"""app.client against a real server: predict, predict_many, evaluate (with the offline
+comparison), and the command line's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.client import APIError, Client, evaluate
+from tests.app.images import jpeg
+from tests.app.support import CLASSES, free_port
+from tests.app.test_server_e2e import Server, start_server
+from tests.helpers import assert_one_line_error, run_cli
+from training.artifact import load_for_inference
+from training.data import load_test_split
+from training.evaluate import evaluate_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(artifact, tmp_path_factory.mktemp("client-server") / "server.log")
+    yield server
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def test_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DIR/test/<class>/*.jpg with the served model's 10 classes, 2 images each."""
+    root = tmp_path_factory.mktemp("client-data")
+    for i, name in enumerate(CLASSES):
+        for j in range(2):
+            path = root / "test" / name / f"{j}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(jpeg(seed=10 * i + j))
+    return root
+
+
+def test_predict_and_predict_many(server: Server, tmp_path: Path) -> None:
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(seed=1))
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    client = Client(server.url)
+    one = client.predict(good, top_k=3)
+    assert one["label"] in CLASSES and len(one["top_k"]) == 3
+    results = client.predict_many([good, bad, good])
+    assert results[0] == results[2] == client.predict(good)
+    assert isinstance(results[1], APIError) and results[1].status == 415
+    assert results[1].code == "not_an_image"
+
+
+def test_evaluate_matches_the_offline_evaluation(
+    server: Server, artifact: Path, test_tree: Path, tmp_path: Path
+) -> None:
+    split, classes, names = load_test_split(test_tree, tmp_path)
+    _, offline = evaluate_model(
+        load_for_inference(artifact), split, classes, device=torch.device("cpu")
+    )
+    offline_file = tmp_path / "offline.json"
+    offline_file.write_text(json.dumps(dict(zip(names, offline.tolist(), strict=True))))
+    report = evaluate(Client(server.url), test_tree, concurrency=4, compare=offline_file)
+    assert report["images"] == 20 and report["errors"] == 0
+    expected = (
+        sum(int(p) == int(label) for p, label in zip(offline, split.labels, strict=True)) / 20 * 100
+    )
+    assert report["accuracy"] == pytest.approx(expected)
+    assert report["compared"] == 20 and report["disagreements"] == 0
+    assert set(report["per_class"]) == set(CLASSES)
+
+
+def test_cli_predict_prints_json_lines(server: Server, tmp_path: Path) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg(seed=2))
+    result = run_cli("-m", "app.client", "predict", image, "--url", server.url, "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout)
+    assert line["file"] == str(image) and len(line["top_k"]) == 2
+
+
+def test_cli_without_a_server_is_one_line(tmp_path: Path) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg(seed=2))
+    result = run_cli(
+        "-m", "app.client", "predict", image, "--url", f"http://127.0.0.1:{free_port()}"
+    )
+    assert_one_line_error(result, "cannot reach")

@@ -1,0 +1,125 @@
+"""The serving artifact: int8 shards within size limits, checksums, faithful dequantization,
+and the export/evaluate command lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.app.support import make_checkpoint
+from tests.helpers import assert_one_line_error, run_cli
+from training.artifact import (
+    INDEX_NAME,
+    export_artifact,
+    load_artifact_state,
+    load_for_inference,
+    quantize_per_channel,
+    quantized_state_dict,
+    read_index,
+)
+from training.checkpoint import build_model
+from training.data import list_image_folder, resolve_image_root
+from training.trainer import RunResult
+
+
+@pytest.fixture(scope="module")
+def ckpt() -> dict:
+    return make_checkpoint(seed=3)
+
+
+def test_shards_respect_the_size_limit_and_split_large_tensors(ckpt: dict, tmp_path: Path) -> None:
+    limit = 4 * 1024 * 1024  # fc1's int8 weight alone is 36 MiB: it must be split
+    result = export_artifact(ckpt, tmp_path / "w", max_shard_bytes=limit)
+    assert len(result.files) > 10
+    assert all((tmp_path / "w" / name).stat().st_size <= limit for name in result.files)
+    index = read_index(tmp_path / "w")
+    assert len(index["tensors"]["fc1.1.weight"]["parts"]["int8"]) > 1
+    assert "optimizer" not in index and index["classes"] == ckpt["classes"]
+    assert index["preprocessing"] == ckpt["preprocessing"] and index["recipe"] == ckpt["recipe"]
+
+
+def test_loading_gives_exactly_the_quantized_weights(ckpt: dict, tmp_path: Path) -> None:
+    export_artifact(ckpt, tmp_path / "w", max_shard_bytes=6 * 1024 * 1024)
+    loaded = load_artifact_state(tmp_path / "w", read_index(tmp_path / "w"))
+    expected = quantized_state_dict(ckpt["model"]["state_dict"])
+    assert loaded.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+
+def test_quantization_error_is_half_a_step_per_channel() -> None:
+    weight = torch.randn(64, 3, 5, 5) * torch.logspace(-3, 1, 64).view(-1, 1, 1, 1)
+    q, scale = quantize_per_channel(weight)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    error = (q.float() * scale.view(-1, 1, 1, 1) - weight).abs().flatten(1).amax(1)
+    assert torch.all(error <= scale / 2 + 1e-7)
+
+
+def test_the_artifact_predicts_like_the_checkpoint(ckpt: dict, tmp_path: Path) -> None:
+    export_artifact(ckpt, tmp_path / "w")
+    full = build_model(ckpt).eval()
+    served = load_for_inference(tmp_path / "w")
+    x = torch.randn(8, 3, 227, 227)
+    with torch.no_grad():
+        a, b = full(x), served.model(x)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() > 0.999
+    assert served.info["format"] == "artifact" and len(served.info["sha256"]) == 64
+
+
+def test_a_new_export_replaces_the_shards_and_keeps_the_model_card(
+    ckpt: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "w"
+    export_artifact(ckpt, out, max_shard_bytes=8 * 1024 * 1024)
+    (out / "README.md").write_text("model card")
+    result = export_artifact(ckpt, out)  # default 15 MiB shards: fewer files
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert shards == sorted(result.files)
+    assert (out / "README.md").read_text() == "model card"
+    assert load_for_inference(out).classes == ckpt["classes"]
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_command_lines(
+    seed_run: RunResult, image_tree: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "weights"
+    result = run_cli(
+        "-m",
+        "training.export",
+        seed_run.last,
+        "--out",
+        out,
+        "--data-dir",
+        image_tree,
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    export = json.loads((out / INDEX_NAME).read_text())["export"]
+    assert export["test"]["images"] == 6
+    assert abs(export["accuracy_drop_points"]) <= 100 / 6 + 1e-9  # at most one of 6 images
+
+    predictions = tmp_path / "predictions.json"
+    result = run_cli(
+        "-m", "training.evaluate", out, "--data-dir", image_tree, "--device", "cpu",
+        "--predictions-out", predictions, "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    by_name = json.loads(predictions.read_text())
+    root = resolve_image_root(image_tree)
+    paths, labels, _ = list_image_folder(root / "test")
+    names = [p.relative_to(root).as_posix() for p in paths]
+    assert sorted(by_name) == sorted(names)
+    correct = sum(by_name[n] == label for n, label in zip(names, labels, strict=True))
+    assert report["accuracy"] == pytest.approx(correct / len(names) * 100)
+    assert report["accuracy"] == pytest.approx(export["test"]["accuracy"])
+
+
+def test_export_of_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("-m", "training.export", tmp_path / "nope.pt", "--out", tmp_path / "w")
+    assert_one_line_error(result, "does not exist")
