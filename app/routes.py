@@ -83,7 +83,10 @@ def index() -> FileResponse:
 
 
 def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction:
-    values, indices = probs.topk(min(k, len(classes)))
+    # A stable sort breaks exact ties (common in bf16) towards the lower class id, as argmax
+    # does: the served label is then the one offline evaluation (training.engine) reports.
+    values, indices = probs.sort(descending=True, stable=True)
+    values, indices = values[:k], indices[:k]
     top = [
         ClassScore(label=classes[i], class_id=i, probability=round(float(p), 6))
         for p, i in zip(values.tolist(), indices.tolist(), strict=True)

@@ -470,3 +470,17 @@ def test_metrics_count_requests_batches_and_latency(client: TestClient) -> None:
     assert delta("image_errors_total", reason="not_an_image") == 1
     assert ("inference_queue_depth", frozenset()) in after
     assert sample(after, "inference_queue_depth") == 0
+
+
+def test_exact_ties_go_to_the_lower_class_id_as_argmax_does() -> None:
+    """bf16 logits tie exactly now and then; the served label must be the one argmax (offline
+    evaluation) picks."""
+    from app.routes import to_prediction
+
+    probs = torch.tensor([0.368, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.368])  # a real case
+    for k in (1, 3, 5):  # torch.topk happens to put class 9 first here
+        prediction = to_prediction(probs, CLASSES, k)
+        assert prediction.class_id == int(probs.argmax()) == 0
+        assert [s.class_id for s in prediction.top_k][:2] == [0, 9][:k]
+    five = torch.full((10,), 0.0).index_fill(0, torch.arange(5), 0.2)
+    assert [s.class_id for s in to_prediction(five, CLASSES, 5).top_k] == [0, 1, 2, 3, 4]
