@@ -4,7 +4,9 @@ driven by TestClient (which runs the lifespan: the model loads on a background t
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.predictor import Predictor, load_predictor
 from app.settings import Settings
-from tests.app.support import Reference, make_checkpoint
+from tests.app.support import Reference, Server, make_checkpoint, start_server
 from training.artifact import export_artifact
 from training.checkpoint import save_atomic
 
@@ -93,3 +95,12 @@ def serve(artifact: Path, shared_predictor: Predictor) -> Iterator[ServeFactory]
             return client
 
         yield start
+
+
+@pytest.fixture(scope="module")
+def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(artifact, tmp_path_factory.mktemp("server") / "server.log")
+    yield server
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()

@@ -4,7 +4,13 @@ the training code, error-body and metrics checks."""
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +19,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import ROOT, cli_env
 from training.artifact import load_for_inference
 from training.checkpoint import FORMAT, FORMAT_VERSION, library_versions, model_section
 from training.model import AlexNet, AlexNetConfig
@@ -129,3 +136,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- a real `python -m app` subprocess ------------------------------------------------------
+
+MAX_UPLOAD = 200_000
+MAX_BATCH = 16
+START_TIMEOUT_S = 90
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    port: int
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(artifact: Path, log: Path) -> Server:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
+        "--device", "cpu", "--precision", "fp32", "--max-batch-size", str(MAX_BATCH),
+        "--max-batch-delay-ms", "300", "--max-upload-bytes", str(MAX_UPLOAD),
+        "--graceful-shutdown-s", "60", "--log-level", "info",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    server = Server(process, f"http://127.0.0.1:{port}", port, log)
+    pause = threading.Event()
+    for _ in range(START_TIMEOUT_S * 10):
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}):\n{server.output()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        pause.wait(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise AssertionError(f"no 200 from /health in {START_TIMEOUT_S} s:\n{server.output()}")

@@ -4,9 +4,6 @@ comparison), and the command line's errors."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,23 +11,13 @@ import torch
 
 from app.client import APIError, Client, evaluate
 from tests.app.images import jpeg
-from tests.app.support import CLASSES, free_port
-from tests.app.test_server_e2e import Server, start_server
+from tests.app.support import CLASSES, Server, free_port
 from tests.helpers import assert_one_line_error, run_cli
 from training.artifact import load_for_inference
 from training.data import load_test_split
 from training.evaluate import evaluate_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(artifact, tmp_path_factory.mktemp("client-server") / "server.log")
-    yield server
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,12 @@ limit, clients that vanish mid-request, and last, SIGTERM while requests are in 
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,69 +21,19 @@ import torch
 from tests.app import images
 from tests.app.support import (
     CLASSES,
+    MAX_BATCH,
+    MAX_UPLOAD,
     Reference,
+    Server,
     assert_error,
-    free_port,
     parse_metrics,
     sample,
     served_probs,
 )
-from tests.helpers import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
 
-MAX_UPLOAD = 200_000
-MAX_BATCH = 16
-START_TIMEOUT_S = 90
 TOLERANCE = 1e-5
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    port: int
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_server(artifact: Path, log: Path) -> Server:
-    port = free_port()
-    args = [
-        sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
-        "--device", "cpu", "--precision", "fp32", "--max-batch-size", str(MAX_BATCH),
-        "--max-batch-delay-ms", "300", "--max-upload-bytes", str(MAX_UPLOAD),
-        "--graceful-shutdown-s", "60", "--log-level", "info",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    server = Server(process, f"http://127.0.0.1:{port}", port, log)
-    pause = threading.Event()
-    for _ in range(START_TIMEOUT_S * 10):
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited ({process.returncode}):\n{server.output()}")
-        try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        pause.wait(0.1)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise AssertionError(f"no 200 from /health in {START_TIMEOUT_S} s:\n{server.output()}")
-
-
-@pytest.fixture(scope="module")
-def server(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(artifact, tmp_path_factory.mktemp("server") / "server.log")
-    yield server
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
 
 
 # ---- raw HTTP/1.1, for what httpx will not do (half requests, vanishing clients) --------------
