@@ -14,7 +14,7 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from app.batching import DeadlineExceeded, QueueFull
+from app.batching import DeadlineExceeded, DynamicBatcher, QueueFull, Ticket
 from app.decoding import ImageError, decode_upload
 from app.schemas import (
     Accuracy,
@@ -107,8 +107,9 @@ async def _decode(state: ServingState, upload: UploadFile, size: int) -> torch.T
         raise
 
 
-async def _infer(state: ServingState, images: list[torch.Tensor], ticket) -> list[torch.Tensor]:
-    _, batcher = state.require_ready()
+async def _infer(
+    state: ServingState, batcher: DynamicBatcher, images: list[torch.Tensor], ticket: Ticket
+) -> list[torch.Tensor]:
     try:
         probs = await batcher.predict(images, state.settings.request_timeout_s, ticket)
     except QueueFull as exc:
@@ -135,7 +136,7 @@ async def predict(
             image = await _decode(state, file, predictor.source_size)
         except ImageError as exc:
             raise APIError(exc.status, exc.code, exc.detail) from None
-        [probs] = await _infer(state, [image], ticket)
+        [probs] = await _infer(state, batcher, [image], ticket)
     return to_prediction(probs, predictor.classes, top_k)
 
 
@@ -165,7 +166,7 @@ async def predict_batch(
             if isinstance(result, BaseException) and not isinstance(result, ImageError):
                 raise result
         good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
-        probs = await _infer(state, [decoded[i] for i in good], ticket)
+        probs = await _infer(state, batcher, [decoded[i] for i in good], ticket)
     by_index = dict(zip(good, probs, strict=True))
     results = []
     for i, (upload, result) in enumerate(zip(files, decoded, strict=True)):
