@@ -2,14 +2,19 @@
 
     python -m bench.serve_load [--checkpoint weights] [--device auto] [--seconds 10]
 
-1. model alone (no HTTP): the predictor's forward pass on batches of 1, 8, 32 (and
-   --model-batches), in the precision the service will serve;
-2. the service (`python -m app`, a subprocess on 127.0.0.1) with dynamic batching, and
-3. the same service with batching off (max_batch_size=1),
+1. the service (`python -m app`, a subprocess on 127.0.0.1) with dynamic batching, with 1 and
+   (--workers) more processes, and
+2. the same service with batching off (max_batch_size=1),
 each under closed-loop load at concurrency 1, 8, 32, 64: every client sends a 32x32 JPEG to
 POST /predict, waits for the answer, and sends the next. Reports requests/s, p50/p99 latency,
-mean batch size (from the server's /metrics) and the ratio to the model alone. The load
-generator is a minimal keep-alive HTTP/1.1 client on asyncio, so it costs little CPU.
+mean batch size (from the server's /metrics) and the server's CPU time per request.
+
+Baseline: the model alone (no HTTP, bench.model_alone) on batches of 1, 8, 32, in the precision
+the service serves, measured right before each configuration: one process on all cores and,
+for N workers, N processes at once with the service's threads each. Each row's ratio is to the
+best images/s of those, and its concurrency-1 p50 is compared with the one-process batch-1
+time. The load generator is a minimal keep-alive HTTP/1.1 client on asyncio (about 0.1 ms of
+CPU per request).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.predictor import load_predictor
+from bench import model_alone
 
 BOUNDARY = "benchboundary7d3f"
 
@@ -77,6 +81,7 @@ class LoadResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
+    server_cpu_s: float = float("nan")
 
     @property
     def ok(self) -> int:
@@ -115,13 +120,20 @@ async def _client(host: str, port: int, requests: list[bytes], offset: int, stop
 
 
 async def _load(host: str, port: int, requests: list[bytes], concurrency: int, seconds: float,
-                warmup: float) -> LoadResult:  # fmt: skip
+                warmup: float, server_pid: int | None = None) -> LoadResult:  # fmt: skip
     begin = time.perf_counter()
     result = LoadResult(concurrency, seconds)
+
+    async def server_cpu() -> None:  # the server's CPU time over the measured window
+        await asyncio.sleep(warmup)
+        start = _cpu_seconds(server_pid)
+        await asyncio.sleep(seconds)
+        result.server_cpu_s = _cpu_seconds(server_pid) - start
+
     await asyncio.gather(*(
         _client(host, port, requests, k, begin + warmup + seconds, begin + warmup, result)
         for k in range(concurrency)
-    ))  # fmt: skip
+    ), *([server_cpu()] if server_pid else []))  # fmt: skip
     return result
 
 
@@ -171,37 +183,32 @@ def start_server(
     raise RuntimeError("server did not become healthy in 180 s")
 
 
-def model_alone(args: argparse.Namespace) -> tuple[str, str, dict[int, tuple[float, float]]]:
-    """images/s and ms per batch of the predictor alone; returns (device, precision, rows)."""
-    predictor = load_predictor(args.checkpoint, args.device, args.precision)
-    predictor.warm_up(
-        max(args.model_batches),
-        choose_precision=args.precision == "auto" and predictor.device.type == "cpu",
-    )
-    rows = {}
-    for batch in args.model_batches:
-        images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-        predictor.predict(images)
-        times = []
-        end = time.perf_counter() + args.model_seconds
-        while time.perf_counter() < end or len(times) < 5:
-            start = time.perf_counter()
-            predictor.predict(images)
-            times.append(time.perf_counter() - start)
-        ms = statistics.median(times) * 1000
-        rows[batch] = (batch / (ms / 1000), ms)
-        print(
-            f"model alone, batch {batch}: {ms:.2f} ms, {rows[batch][0]:.1f} images/s",
-            file=sys.stderr,
-        )
-    device = (
-        str(predictor.device)
-        if predictor.device.type == "cpu"
-        else torch.cuda.get_device_name(predictor.device)
-    )
-    precision = predictor.precision
-    del predictor
-    return device, precision, rows
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its live children (uvicorn's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _baseline(args: argparse.Namespace, precision: str, threads: int | None, procs: int) -> dict:
+    result = model_alone.measure(
+        args.checkpoint, args.device, precision, args.model_batches, args.model_seconds,
+        threads, procs,
+    )  # fmt: skip
+    for batch, row in result["batches"].items():
+        print(f"model alone, {procs} process(es) x {threads or 'all'} threads, batch {batch}: "
+              f"{row['ms']:.2f} ms, {row['images_per_s']:.1f} images/s", file=sys.stderr)  # fmt: skip
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,35 +239,47 @@ def main(argv: list[str] | None = None) -> int:
     args.model_batches = [int(b) for b in args.model_batches.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     workers_list = [int(w) for w in args.workers.split(",")]
+    cpus = os.cpu_count() or 1
 
-    device, precision, alone = model_alone(args)
+    # The precision the service will choose (on a CPU: the faster of fp32 and bf16 at warm-up).
+    first = _baseline(args, args.precision, args.threads, 1)
+    precision = first["precision"]
     uploads = jpeg_uploads(64)
     configs = [
-        (
-            f"service, batching (max {args.max_batch_size}, {args.delay_ms:g} ms)",
-            args.max_batch_size,
-            w,
-        )
+        (f"service, batching (max {args.max_batch_size}, {args.delay_ms:g} ms)", args.max_batch_size, w)
         for w in workers_list
-    ]
+    ]  # fmt: skip
     if not args.no_unbatched:
         configs.append(("service, batching off (max_batch_size=1)", 1, workers_list[0]))
-    rows = []
-    for name, max_batch, workers in configs:
-        label = name + (f", {workers} processes" if workers > 1 else "")
+    rows, baselines = [], []
+    for n, (name, max_batch, workers) in enumerate(configs):
+        threads = args.threads or max(1, cpus // workers)
+        label = name + (f", {workers} processes x {threads} thread(s)" if workers > 1 else "")
+        # Baselines next to the load they are compared with: one process on all cores, and,
+        # for several workers, the same number of processes and threads as the service.
+        adjacent = [first if n == 0 else _baseline(args, precision, args.threads, 1)]
+        if workers > 1:
+            adjacent.append(_baseline(args, precision, threads, workers))
+        best = max(r["images_per_s"] for a in adjacent for r in a["batches"].values())
+        batch1_ms = adjacent[0]["batches"][1]["ms"] if 1 in args.model_batches else float("nan")
+        baselines.append({"config": label, "measurements": adjacent})
         proc, url = start_server(args, precision, max_batch, workers)
         host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
         requests = [http_request(host, port, u) for u in uploads]
         try:
             for c in levels:
                 before = scrape_batches(url)
-                result = asyncio.run(_load(host, port, requests, c, args.seconds, args.warmup))
+                result = asyncio.run(
+                    _load(host, port, requests, c, args.seconds, args.warmup, proc.pid)
+                )
                 after = scrape_batches(url)
                 count = after[1] - before[1]
                 mean_batch = (after[0] - before[0]) / count if count else float("nan")
                 rows.append({
                     "config": label, "concurrency": c, "rps": result.rps, "p50_ms": result.percentile(50),
                     "p99_ms": result.percentile(99), "mean_batch": mean_batch, "statuses": result.statuses,
+                    "server_cpu_ms": result.server_cpu_s / result.ok * 1000 if result.ok else float("nan"),
+                    "model_alone_best": best, "model_alone_batch1_ms": batch1_ms,
                 })  # fmt: skip
                 print(f"{label}, c={c}: {result.rps:.1f} req/s, p50 {result.percentile(50):.1f} ms, "
                       f"p99 {result.percentile(99):.1f} ms, batch {mean_batch:.1f}, {result.statuses}", file=sys.stderr)  # fmt: skip
@@ -271,39 +290,31 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    # Measured again at the end: on a shared machine the model's own speed drifts; the ratio
-    # below uses the faster of the two measurements (the harder baseline).
-    _, _, alone_end = model_alone(args)
-    best_alone = max(v[0] for v in (*alone.values(), *alone_end.values()))
-    print(
-        f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {os.cpu_count()} CPUs\n"
-    )
-    print("| model alone (no HTTP) | ms per batch (start / end) | images/s (start / end) |")
-    print("| --- | ---: | ---: |")
-    for batch in alone:
-        (ips0, ms0), (ips1, ms1) = alone[batch], alone_end[batch]
-        print(f"| batch {batch} | {ms0:.2f} / {ms1:.2f} | {ips0:.1f} / {ips1:.1f} |")
-    print(
-        "\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | vs model alone (best) |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    device = baselines[0]["measurements"][0]["device"].split(" (")[0]
+    print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs\n")
+    print("| model alone (no HTTP), measured before | processes x threads | "
+          + " | ".join(f"batch {b}: ms, images/s" for b in args.model_batches) + " |")  # fmt: skip
+    print("| --- | --- |" + " ---: |" * len(args.model_batches))
+    for entry in baselines:
+        for m in entry["measurements"]:
+            threads = m["device"].split("(")[-1].rstrip(")") if "(" in m["device"] else "-"
+            cells = " | ".join(
+                f"{m['batches'][b]['ms']:.2f}, {m['batches'][b]['images_per_s']:.1f}"
+                for b in args.model_batches
+            )
+            print(f"| {entry['config']} | {m['procs']} x {threads} | {cells} |")
+    print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
+          "server CPU ms/request | vs model alone (best images/s) | p50 - model batch 1 |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         batch = "n/a" if r["mean_batch"] != r["mean_batch"] else f"{r['mean_batch']:.1f}"
         print(f"| {r['config']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{batch} | {r['rps'] / best_alone * 100:.0f}% |")  # fmt: skip
+              f"{batch} | {r['server_cpu_ms']:.2f} | {r['rps'] / r['model_alone_best'] * 100:.0f}% "
+              f"({r['model_alone_best']:.1f}) | {r['p50_ms'] - r['model_alone_batch1_ms']:+.1f} ms |")  # fmt: skip
     if args.json_out:
         args.json_out.write_text(
-            json.dumps(
-                {
-                    "device": device,
-                    "precision": precision,
-                    "model_alone": alone,
-                    "model_alone_end": alone_end,
-                    "rows": rows,
-                },
-                indent=1,
-            )
-        )
+            json.dumps({"device": device, "precision": precision, "baselines": baselines, "rows": rows}, indent=1)
+        )  # fmt: skip
     return 0
 
 
