@@ -13,6 +13,7 @@ import tempfile
 import uvicorn
 from pydantic import ValidationError
 
+from app import workers
 from app.settings import Settings
 from training.errors import UserError
 
@@ -64,5 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="alexnet-serve-metrics-") as metrics_dir:
             # Before the workers import prometheus-client: /metrics then sums all processes.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-            uvicorn.run("app.main:app_from_env", factory=True, workers=settings.workers, **common)
+            if not workers.supported():
+                uvicorn.run(
+                    "app.main:app_from_env", factory=True, workers=settings.workers, **common
+                )
+                return 0
+            try:
+                return workers.run_workers(
+                    settings.workers, graceful_shutdown_s=settings.graceful_shutdown_s, **common
+                )
+            except OSError as exc:
+                print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
+                      " (another server there? choose --port)", file=sys.stderr)  # fmt: skip
+                return 1
     return 0

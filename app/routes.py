@@ -94,9 +94,7 @@ def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction
     # served label is then the one offline evaluation (training.engine) reports.
     values = probs.tolist()
     order = sorted(range(len(values)), key=lambda i: -values[i])[:k]
-    top = [
-        ClassScore(label=classes[i], class_id=i, probability=round(values[i], 6)) for i in order
-    ]
+    top = [ClassScore(label=classes[i], class_id=i, probability=round(values[i], 6)) for i in order]
     return Prediction(
         label=top[0].label, class_id=top[0].class_id, confidence=top[0].probability, top_k=top
     )

@@ -1,9 +1,11 @@
-"""Several server processes (`--workers 2`): every one serves, and /metrics sums them all."""
+"""Several server processes (`--workers 2`): connections spread over them, every one serves,
+and /metrics sums them all."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,40 @@ from tests.app.support import free_port, parse_metrics, sample
 from tests.helpers import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def _spread_of_connections(pid: int, port: int, count: int) -> list[int]:
+    """Open `count` connections at once and keep them: how many each child process accepted."""
+    workers = _children(pid)
+    before = {w: _sockets(w) for w in workers}
+    conns = [socket.socket() for _ in range(count)]
+    for conn in conns:  # a burst, as a pool of keep-alive clients opens them
+        conn.setblocking(False)
+        conn.connect_ex(("127.0.0.1", port))
+    try:
+        time.sleep(1.0)  # let the workers' event loops accept
+        return sorted(_sockets(w) - before[w] for w in workers)
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def test_two_workers_serve_and_report_together(artifact: Path, tmp_path: Path) -> None:
@@ -47,6 +83,10 @@ def test_two_workers_serve_and_report_together(artifact: Path, tmp_path: Path) -
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
+        # Each process listens on its own socket (SO_REUSEPORT): connections opened together
+        # spread over both, instead of all going to whichever process woke first.
+        spread = _spread_of_connections(process.pid, port, 16)
+        assert sum(spread) == 16 and spread[-2] >= 2, spread  # false alarm: ~1 in 2,000
         before = parse_metrics(httpx.get(url + "/metrics").text)
         sent = 0
         for i in range(8):
