@@ -11,10 +11,11 @@ mean batch size (from the server's /metrics) and the server's CPU time per reque
 its event-loop threads (HTTP, multipart, routing, JSON; decoding and the model run elsewhere).
 
 Baseline: the model alone (no HTTP, bench.model_alone) on batches of 1, 8, 32, in the precision
-the service serves, measured right before each configuration: one process on all cores and,
-for N workers, N processes at once with the service's threads each. Each row's ratio is to the
-best images/s of those, and its concurrency-1 p50 is compared with the one-process batch-1
-time. The load generator is a minimal keep-alive HTTP/1.1 client on asyncio (about 0.1 ms of
+the service serves, timed before every load level and after the last (the server idles
+meanwhile): one process on all cores and, for N workers, also N processes at once with the
+service's threads each. On shared CPUs the model's speed drifts by up to 2x within minutes, so
+each row is compared with the measurements on either side of it, the faster ones: its ratio to
+their best images/s, and at concurrency 1 its p50 minus their one-process batch-1 time. The load generator is a minimal keep-alive HTTP/1.1 client on asyncio (about 0.1 ms of
 CPU per request).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import signal
@@ -221,6 +223,17 @@ def _baseline(args: argparse.Namespace, precision: str, threads: int | None, pro
     return result
 
 
+def _alone_point(
+    args: argparse.Namespace, precision: str, workers: int, threads: int, reuse: dict | None = None
+) -> list[dict]:
+    """The model alone in one process on all cores and, for several workers, as many processes
+    with the service's threads each (that configuration's own ceiling)."""
+    point = [reuse or _baseline(args, precision, args.threads, 1)]
+    if workers > 1:
+        point.append(_baseline(args, precision, threads, workers))
+    return point
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve_load", description=__doc__.split("\n\n")[0]
@@ -265,17 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     for n, (name, max_batch, workers) in enumerate(configs):
         threads = args.threads or max(1, cpus // workers)
         label = name + (f", {workers} processes x {threads} thread(s)" if workers > 1 else "")
-        # Baselines next to the load they are compared with: one process on all cores, and,
-        # for several workers, the same number of processes and threads as the service.
-        adjacent = [first if n == 0 else _baseline(args, precision, args.threads, 1)]
-        if workers > 1:
-            adjacent.append(_baseline(args, precision, threads, workers))
-        best = max(r["images_per_s"] for a in adjacent for r in a["batches"].values())
-        batch1_ms = adjacent[0]["batches"][1]["ms"] if 1 in args.model_batches else float("nan")
-        baselines.append({"config": label, "measurements": adjacent})
+
         proc, url = start_server(args, precision, max_batch, workers)
         host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
         requests = [http_request(host, port, u) for u in uploads]
+        # The model alone is timed before every load level and after the last one (the server
+        # idles meanwhile); each row is compared with the measurements on either side of it.
+        points = [_alone_point(args, precision, workers, threads, first if n == 0 else None)]
         try:
             for c in levels:
                 before = scrape_batches(url)
@@ -290,39 +299,58 @@ def main(argv: list[str] | None = None) -> int:
                     "p99_ms": result.percentile(99), "mean_batch": mean_batch, "statuses": result.statuses,
                     "server_cpu_ms": result.server_cpu_s / result.ok * 1000 if result.ok else float("nan"),
                     "event_loop_cpu_ms": result.event_loop_cpu_s / result.ok * 1000 if result.ok else float("nan"),
-                    "model_alone_best": best, "model_alone_batch1_ms": batch1_ms,
                 })  # fmt: skip
                 print(f"{label}, c={c}: {result.rps:.1f} req/s, p50 {result.percentile(50):.1f} ms, "
                       f"p99 {result.percentile(99):.1f} ms, batch {mean_batch:.1f}, {result.statuses}", file=sys.stderr)  # fmt: skip
+                points.append(_alone_point(args, precision, workers, threads))
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for row, around in zip(rows[-len(levels) :], itertools.pairwise(points), strict=True):
+            measured = [m for point in around for m in point]
+            row["model_alone_best"] = max(
+                r["images_per_s"] for m in measured for r in m["batches"].values()
+            )  # the faster side: the harder baseline
+            row["model_alone_batch1_ms"] = min(
+                (m["batches"][1]["ms"] for m in measured if m["procs"] == 1 and 1 in m["batches"]),
+                default=float("nan"),
+            )
+        baselines.append({"config": label, "points": points})
 
-    device = baselines[0]["measurements"][0]["device"].split(" (")[0]
+    device = baselines[0]["points"][0][0]["device"].split(" (")[0]
     print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs\n")
-    print("| model alone (no HTTP), measured before | processes x threads | "
-          + " | ".join(f"batch {b}: ms, images/s" for b in args.model_batches) + " |")  # fmt: skip
+    print("Model alone (no HTTP), timed before each load level and after the last: range over a "
+          "configuration's measurements.\n")  # fmt: skip
+    print("| next to | processes x threads | "
+          + " | ".join(f"batch {b}: ms / images/s" for b in args.model_batches) + " |")  # fmt: skip
     print("| --- | --- |" + " ---: |" * len(args.model_batches))
     for entry in baselines:
-        for m in entry["measurements"]:
-            threads = m["device"].split("(")[-1].rstrip(")") if "(" in m["device"] else "-"
-            cells = " | ".join(
-                f"{m['batches'][b]['ms']:.2f}, {m['batches'][b]['images_per_s']:.1f}"
-                for b in args.model_batches
+        for k in range(len(entry["points"][0])):
+            series = [point[k] for point in entry["points"]]
+            first_m = series[0]
+            threads = (
+                first_m["device"].split("(")[-1].split()[0] if "(" in first_m["device"] else "-"
             )
-            print(f"| {entry['config']} | {m['procs']} x {threads} | {cells} |")
+            cells = []
+            for b in args.model_batches:
+                ms = [m["batches"][b]["ms"] for m in series]
+                ips = [m["batches"][b]["images_per_s"] for m in series]
+                cells.append(f"{min(ms):.2f}-{max(ms):.2f} / {min(ips):.1f}-{max(ips):.1f}")
+            print(f"| {entry['config']} | {first_m['procs']} x {threads} | {' | '.join(cells)} |")
     print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
-          "server CPU ms/request (event loop) | vs model alone (best images/s) | p50 - model batch 1 |")  # fmt: skip
+          "server CPU ms/request (event loop) | vs model alone (best images/s on either side) | "
+          "p50 - model batch 1 |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         batch = "n/a" if r["mean_batch"] != r["mean_batch"] else f"{r['mean_batch']:.1f}"
         print(f"| {r['config']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{batch} | {r['server_cpu_ms']:.2f} ({r['event_loop_cpu_ms']:.2f}) | "
               f"{r['rps'] / r['model_alone_best'] * 100:.0f}% ({r['model_alone_best']:.1f}) | "
-              + (f"{r['p50_ms'] - r['model_alone_batch1_ms']:+.1f} ms |" if r["concurrency"] == 1 else " |"))  # fmt: skip
+              + (f"{r['p50_ms'] - r['model_alone_batch1_ms']:+.1f} ms ({r['model_alone_batch1_ms']:.2f}) |"
+                 if r["concurrency"] == 1 else " |"))  # fmt: skip
     if args.json_out:
         args.json_out.write_text(
             json.dumps({"device": device, "precision": precision, "baselines": baselines, "rows": rows}, indent=1)
