@@ -2,12 +2,13 @@
 # GPU serving benchmark (issue 3): the service on CUDA under load, next to the model alone and
 # to batching off, with one and with two server processes.
 #
-# On the development machine first (the GPU machine has no network and no FastAPI):
-#   echo /.whl/ >> .git/info/exclude
+# On the development machine first (the GPU machine has no network and none of the web stack;
+# .whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-multipart \
-#     annotated-types typing-inspection python-dotenv annotated-doc
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d .whl fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-multipart \
+#     annotated-types typing-inspection python-dotenv annotated-doc anyio idna click h11 httptools \
+#     uvloop prometheus-client opentelemetry-api typing-extensions
 # then through the device tool, with carry [".whl"]:
 #   bash bench/gpu_serving.sh
 set -euo pipefail
@@ -19,5 +20,5 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu-serving-device.txt"
 # The load generator shares the host's 16 cores with the server; it is a light asyncio client.
 python3 -m bench.serve_load --device cuda --seconds 8 --warmup 2 --concurrency 1,8,32,64,128 \
-  --model-batches 1,8,32,64 --max-batch-size 64 --workers 1,2 --json-out "$OUT/gpu-serving.json" 2>&1 \
+  --model-batches 1,8,32,64 --max-batch-size 64 --workers 1,2 --baseline-at ends --json-out "$OUT/gpu-serving.json" 2>&1 \
   | tee "$OUT/gpu-serving.txt"

@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-unbatched", action="store_true", help="skip the max_batch_size=1 baseline"
     )
+    parser.add_argument(
+        "--baseline-at", choices=("each-level", "ends"), default="each-level",
+        help="time the model alone before every load level, or only before and after each "
+        "configuration (a dedicated GPU drifts little, and each timing restarts CUDA)",
+    )  # fmt: skip
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     args.model_batches = [int(b) for b in args.model_batches.split(",")]
@@ -302,13 +307,16 @@ def main(argv: list[str] | None = None) -> int:
                 })  # fmt: skip
                 print(f"{label}, c={c}: {result.rps:.1f} req/s, p50 {result.percentile(50):.1f} ms, "
                       f"p99 {result.percentile(99):.1f} ms, batch {mean_batch:.1f}, {result.statuses}", file=sys.stderr)  # fmt: skip
-                points.append(_alone_point(args, precision, workers, threads))
+                if args.baseline_at == "each-level" or c == levels[-1]:
+                    points.append(_alone_point(args, precision, workers, threads))
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if len(points) == 2:  # --baseline-at ends: every row between the same two
+            points = [points[0]] + [points[1]] * len(levels)
         for row, around in zip(rows[-len(levels) :], itertools.pairwise(points), strict=True):
             measured = [m for point in around for m in point]
             row["model_alone_best"] = max(
