@@ -54,6 +54,10 @@ class TrainConfig:
     cuda_graphs: bool | None = option(
         None, "capture the whole training step as a CUDA graph (default: on with one GPU)"
     )
+    cudnn_benchmark: bool = option(
+        True, "CUDA: time cuDNN's algorithms for each conv shape once, at the first steps "
+        "(counted in the training time; off: cuDNN's heuristics choose)",
+    )  # fmt: skip
     eval_batch_size: int = option(1000, "images per forward pass when evaluating")
     out_dir: Path | None = option(
         None, "where checkpoints and reports go (default: runs/<recipe>-<time>)"

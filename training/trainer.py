@@ -164,7 +164,7 @@ def _train(
     precision = _precision(cfg, device)
     graphs = _use_graphs(cfg, device, dist_info)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: tune each once
 
     t_load = time.perf_counter()
     prep = Preprocessing()

@@ -64,3 +64,9 @@ def test_parser_types_and_explicit_flags(tmp_path: Path) -> None:
     assert args.batch_size is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--schedule", "cosine"])
+
+
+def test_cudnn_benchmark_is_on_unless_turned_off() -> None:
+    assert make_config("fast").cudnn_benchmark is True
+    args = build_parser().parse_args(["--no-cudnn-benchmark"])
+    assert make_config("fast", cudnn_benchmark=args.cudnn_benchmark).cudnn_benchmark is False
