@@ -25,7 +25,7 @@ log = logging.getLogger("app.workers")
 
 # A worker that dies sooner than this after starting is not restarted: the next one would
 # most likely fail the same way (the CLI has already loaded the model once in this process).
-MIN_UPTIME_S = 20.0
+MIN_UPTIME_S = 10.0
 
 
 def supported() -> bool:
