@@ -1,9 +1,9 @@
 """Several server processes on one port, each with its own listening socket (SO_REUSEPORT).
 
 uvicorn's own `--workers` shares one listening socket between the processes, and whichever
-process wakes first accepts every connection waiting: 32 keep-alive clients that connect at
-once were measured landing 32 on one process and 4 on the other (bench/serve_load.py), so one
-model copy did all the work. With a socket per process the kernel spreads new connections
+process wakes first accepts every connection waiting: the 32 keep-alive clients of
+bench/serve_load.py, connecting together, landed 31/1, 23/9 and 21/11 on two processes, so one
+model copy did most of the work (16/16, 17/15, 17/15 with a socket per process). With a socket per process the kernel spreads new connections
 over the processes by their address hash. The supervisor (this process) forwards SIGTERM and
 SIGINT to the workers, waits for them to drain, and replaces a worker that dies while serving.
 """

@@ -15,8 +15,9 @@ the service serves, timed before every load level and after the last (the server
 meanwhile): one process on all cores and, for N workers, also N processes at once with the
 service's threads each. On shared CPUs the model's speed drifts by up to 2x within minutes, so
 each row is compared with the measurements on either side of it, the faster ones: its ratio to
-their best images/s, and at concurrency 1 its p50 minus their one-process batch-1 time. The load generator is a minimal keep-alive HTTP/1.1 client on asyncio (about 0.1 ms of
-CPU per request).
+their best images/s, and at concurrency 1 its p50 minus their one-process batch-1 time. The
+load generator is a minimal keep-alive HTTP/1.1 client on asyncio (about 0.1 ms of CPU per
+request).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def _stat_cpu(stat_path: Path) -> tuple[int, float]:
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU time of a server: (all threads, event-loop threads), summed over the process and its
-    live children (uvicorn's workers). A process's event loop runs on its main thread."""
+    live children (the --workers processes). A process's event loop runs on its main thread."""
     total = loop = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
