@@ -224,6 +224,14 @@ def _baseline(args: argparse.Namespace, precision: str, threads: int | None, pro
     return result
 
 
+def around_rows(points: list, rows: int) -> list[tuple]:
+    """The baseline measurements on either side of each of `rows` load levels: consecutive
+    pairs when the model was timed before every level and after the last, else (first, last)."""
+    if len(points) == rows + 1:
+        return list(itertools.pairwise(points))
+    return [(points[0], points[-1])] * rows
+
+
 def _alone_point(
     args: argparse.Namespace, precision: str, workers: int, threads: int, reuse: dict | None = None
 ) -> list[dict]:
@@ -316,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if len(points) == 2:  # --baseline-at ends: every row between the same two
-            points = [points[0]] + [points[1]] * len(levels)
-        for row, around in zip(rows[-len(levels) :], itertools.pairwise(points), strict=True):
+        for row, around in zip(rows[-len(levels) :], around_rows(points, len(levels)), strict=True):
             measured = [m for point in around for m in point]
             row["model_alone_best"] = max(
                 r["images_per_s"] for m in measured for r in m["batches"].values()

@@ -48,3 +48,8 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
     assert report["rows"][3]["mean_batch"] == 1  # max_batch_size=1 really runs one at a time
     table = capsys.readouterr().out
     assert "| configuration | concurrency | requests/s |" in table
+
+
+def test_each_row_is_compared_with_the_baselines_around_it() -> None:
+    assert serve_load.around_rows(["a", "b", "c", "d"], 3) == [("a", "b"), ("b", "c"), ("c", "d")]
+    assert serve_load.around_rows(["a", "d"], 3) == [("a", "d")] * 3  # --baseline-at ends
