@@ -9,6 +9,9 @@ each under closed-loop load at concurrency 1, 8, 32, 64: every client sends a 32
 POST /predict, waits for the answer, and sends the next. Reports requests/s, p50/p99 latency,
 mean batch size (from the server's /metrics) and the server's CPU time per request, in all and on
 its event-loop threads (HTTP, multipart, routing, JSON; decoding and the model run elsewhere).
+Where the limit sits: "busy" is the share of the measured window each process spent in the
+forward pass (from /metrics; near 100%: the model, i.e. the device, is the limit) and on its
+event loop's CPU (near 100%: HTTP is).
 
 Baseline: the model alone (no HTTP, bench.model_alone) on batches of 1, 8, 32, in the precision
 the service serves, timed before every load level and after the last (the server idles
@@ -87,6 +90,7 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     server_cpu_s: float = float("nan")
     event_loop_cpu_s: float = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)  # server counters, window deltas
 
     @property
     def ok(self) -> int:
@@ -128,32 +132,37 @@ async def _load(host: str, port: int, requests: list[bytes], concurrency: int, s
                 warmup: float, server_pid: int | None = None) -> LoadResult:  # fmt: skip
     begin = time.perf_counter()
     result = LoadResult(concurrency, seconds)
+    url = f"http://{host}:{port}"
 
-    async def server_cpu() -> None:  # the server's CPU time over the measured window
+    async def server_side() -> None:  # the server's CPU time and counters over the window
         await asyncio.sleep(warmup)
         total, loop = _cpu_seconds(server_pid)
+        before = await asyncio.to_thread(scrape_metrics, url)
         await asyncio.sleep(seconds)
         total_end, loop_end = _cpu_seconds(server_pid)
+        after = await asyncio.to_thread(scrape_metrics, url)
         result.server_cpu_s, result.event_loop_cpu_s = total_end - total, loop_end - loop
+        result.metrics = {k: after[k] - before.get(k, 0.0) for k in after}
 
     await asyncio.gather(*(
         _client(host, port, requests, k, begin + warmup + seconds, begin + warmup, result)
         for k in range(concurrency)
-    ), *([server_cpu()] if server_pid else []))  # fmt: skip
+    ), *([server_side()] if server_pid else []))  # fmt: skip
     return result
 
 
-def scrape_batches(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's inference_batch_size histogram."""
+SCRAPED = ("inference_batch_size_sum", "inference_batch_size_count", "inference_batch_seconds_sum")
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """The server's batch-size and inference-time totals (summed over its processes)."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith(("inference_batch_size_sum", "inference_batch_size_count")):
+        if line.startswith(SCRAPED):
             name, value = line.split()
             values[name] = float(value)
-    return values.get("inference_batch_size_sum", 0.0), values.get(
-        "inference_batch_size_count", 0.0
-    )
+    return values
 
 
 def free_port() -> int:
@@ -301,14 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         points = [_alone_point(args, precision, workers, threads, first if n == 0 else None)]
         try:
             for c in levels:
-                before = scrape_batches(url)
                 result = asyncio.run(
                     _load(host, port, requests, c, args.seconds, args.warmup, proc.pid)
                 )
-                after = scrape_batches(url)
-                count = after[1] - before[1]
-                mean_batch = (after[0] - before[0]) / count if count else float("nan")
+                m, window = result.metrics, args.seconds * workers
+                count = m.get("inference_batch_size_count", 0.0)
+                mean_batch = (
+                    m.get("inference_batch_size_sum", 0.0) / count if count else float("nan")
+                )
                 rows.append({
+                    # Where the limit sits: the share of the window each process spent in the
+                    # forward pass (device transfer included), and on its event loop's CPU.
+                    "model_busy": m.get("inference_batch_seconds_sum", float("nan")) / window,
+                    "event_loop_busy": result.event_loop_cpu_s / window,
                     "config": label, "concurrency": c, "rps": result.rps, "p50_ms": result.percentile(50),
                     "p99_ms": result.percentile(99), "mean_batch": mean_batch, "statuses": result.statuses,
                     "server_cpu_ms": result.server_cpu_s / result.ok * 1000 if result.ok else float("nan"),
@@ -356,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{min(ms):.2f}-{max(ms):.2f} / {min(ips):.1f}-{max(ips):.1f}")
             print(f"| {entry['config']} | {first_m['procs']} x {threads} | {' | '.join(cells)} |")
     print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
-          "server CPU ms/request (event loop) | vs model alone (best images/s on either side) | "
-          "p50 - model batch 1 |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "server CPU ms/request (event loop) | busy: model / event loop | "
+          "vs model alone (best images/s on either side) | p50 - model batch 1 |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         batch = "n/a" if r["mean_batch"] != r["mean_batch"] else f"{r['mean_batch']:.1f}"
         print(f"| {r['config']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{batch} | {r['server_cpu_ms']:.2f} ({r['event_loop_cpu_ms']:.2f}) | "
+              f"{r['model_busy'] * 100:.0f}% / {r['event_loop_busy'] * 100:.0f}% | "
               f"{r['rps'] / r['model_alone_best'] * 100:.0f}% ({r['model_alone_best']:.1f}) | "
               + (f"{r['p50_ms'] - r['model_alone_batch1_ms']:+.1f} ms ({r['model_alone_batch1_ms']:.2f}) |"
                  if r["concurrency"] == 1 else " |"))  # fmt: skip
