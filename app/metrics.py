@@ -40,6 +40,10 @@ class Metrics:
             "inference_batch_seconds", "time of one forward pass, device transfer included",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.decode_seconds = Histogram(
+            "image_decode_seconds", "time to decode one upload to 32x32 (worker thread), bad ones too",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.queue_depth = Gauge(
             "inference_queue_depth",
             "images waiting for the model",

@@ -100,12 +100,15 @@ def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction
     )
 
 
+def _timed_decode(state: ServingState, data: bytes, size: int) -> torch.Tensor:
+    with state.metrics.decode_seconds.time():  # in the worker thread: the decoding alone
+        return decode_upload(data, max_pixels=state.settings.max_image_pixels, size=size)
+
+
 async def _decode(state: ServingState, upload: UploadFile, size: int) -> torch.Tensor:
     data = await upload.read()
     try:
-        return await run_in_threadpool(
-            decode_upload, data, max_pixels=state.settings.max_image_pixels, size=size
-        )
+        return await run_in_threadpool(_timed_decode, state, data, size)
     except ImageError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise

@@ -11,7 +11,8 @@ mean batch size (from the server's /metrics) and the server's CPU time per reque
 its event-loop threads (HTTP, multipart, routing, JSON; decoding and the model run elsewhere).
 Where the limit sits: "busy" is the share of the measured window each process spent in the
 forward pass (from /metrics; near 100%: the model, i.e. the device, is the limit) and on its
-event loop's CPU (near 100%: HTTP is).
+event loop's CPU (near 100%: HTTP is); "decode" is the decoding time per request in the worker
+threads (from /metrics).
 
 Baseline: the model alone (no HTTP, bench.model_alone) on batches of 1, 8, 32, in the precision
 the service serves, timed before every load level and after the last (the server idles
@@ -151,7 +152,10 @@ async def _load(host: str, port: int, requests: list[bytes], concurrency: int, s
     return result
 
 
-SCRAPED = ("inference_batch_size_sum", "inference_batch_size_count", "inference_batch_seconds_sum")
+SCRAPED = (
+    "inference_batch_size_sum", "inference_batch_size_count", "inference_batch_seconds_sum",
+    "image_decode_seconds_sum",
+)  # fmt: skip
 
 
 def scrape_metrics(url: str) -> dict[str, float]:
@@ -323,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                     # forward pass (device transfer included), and on its event loop's CPU.
                     "model_busy": m.get("inference_batch_seconds_sum", float("nan")) / window,
                     "event_loop_busy": result.event_loop_cpu_s / window,
+                    "decode_ms": m.get("image_decode_seconds_sum", float("nan")) / result.ok * 1000
+                    if result.ok else float("nan"),
                     "config": label, "concurrency": c, "rps": result.rps, "p50_ms": result.percentile(50),
                     "p99_ms": result.percentile(99), "mean_batch": mean_batch, "statuses": result.statuses,
                     "server_cpu_ms": result.server_cpu_s / result.ok * 1000 if result.ok else float("nan"),
@@ -370,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{min(ms):.2f}-{max(ms):.2f} / {min(ips):.1f}-{max(ips):.1f}")
             print(f"| {entry['config']} | {first_m['procs']} x {threads} | {' | '.join(cells)} |")
     print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
-          "server CPU ms/request (event loop) | busy: model / event loop | "
+          "server CPU ms/request (event loop) | decode ms/request | busy: model / event loop | "
           "vs model alone (best images/s on either side) | p50 - model batch 1 |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         batch = "n/a" if r["mean_batch"] != r["mean_batch"] else f"{r['mean_batch']:.1f}"
         print(f"| {r['config']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{batch} | {r['server_cpu_ms']:.2f} ({r['event_loop_cpu_ms']:.2f}) | "
+              f"{batch} | {r['server_cpu_ms']:.2f} ({r['event_loop_cpu_ms']:.2f}) | {r['decode_ms']:.2f} | "
               f"{r['model_busy'] * 100:.0f}% / {r['event_loop_busy'] * 100:.0f}% | "
               f"{r['rps'] / r['model_alone_best'] * 100:.0f}% ({r['model_alone_best']:.1f}) | "
               + (f"{r['p50_ms'] - r['model_alone_batch1_ms']:+.1f} ms ({r['model_alone_batch1_ms']:.2f}) |"

@@ -44,6 +44,7 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
         assert row["rps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_cpu_ms"] >= row["event_loop_cpu_ms"] > 0 and row["model_alone_best"] > 0
         assert 0 < row["model_busy"] <= 1.05 and 0 < row["event_loop_busy"] <= 1.05
+        assert 0 < row["decode_ms"] < row["p50_ms"]
     batched_c4 = report["rows"][1]
     assert batched_c4["concurrency"] == 4 and batched_c4["mean_batch"] >= 1
     assert report["rows"][3]["mean_batch"] == 1  # max_batch_size=1 really runs one at a time

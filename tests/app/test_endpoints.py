@@ -468,6 +468,8 @@ def test_metrics_count_requests_batches_and_latency(client: TestClient) -> None:
     assert delta("inference_batch_size_sum") == 3
     assert delta("images_predicted_total") == 3
     assert delta("image_errors_total", reason="not_an_image") == 1
+    assert delta("image_decode_seconds_count") == 4  # every upload, the refused one too
+    assert delta("image_decode_seconds_sum") > 0
     assert ("inference_queue_depth", frozenset()) in after
     assert sample(after, "inference_queue_depth") == 0
 
