@@ -6,9 +6,9 @@
 Prints one JSON object: the device, the precision (with `--precision auto` on a CPU, the one the
 service's warm-up would choose), and per batch size the median milliseconds per batch and the
 images/s. With `--procs P`, P processes run the same loop at the same time (as P server workers
-would) and the images/s are their sum. bench.serve_load runs this next to each service
-configuration, so the baseline is measured minutes, not a whole run, from the load it is
-compared with: on shared CPUs the model's own speed drifts.
+would) and the images/s are their sum. bench.serve_load runs this before every load level and
+after the last, so each row's baseline is measured next to it: on shared CPUs the model's own
+speed drifts.
 """
 
 from __future__ import annotations
