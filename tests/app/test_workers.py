@@ -43,22 +43,44 @@ def _workers(pid: int) -> list[int]:
     ]
 
 
-def _sockets(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def _accepted_by(port: int, client_ports: set[int]) -> dict[int, str]:
+    """client port -> inode of the server-side socket, for connections to `port` (IPv4)."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) in client_ports:
+            out[int(remote.split(":")[1], 16)] = inode
+    return out
 
 
 def _spread_of_connections(pid: int, port: int, count: int) -> list[int]:
-    """Open `count` connections at once and keep them: how many each child process accepted."""
+    """Open `count` connections at once and keep them: how many each worker process accepted
+    (each server-side socket found by its inode among the worker's open files)."""
     workers = _workers(pid)
-    before = {w: _sockets(w) for w in workers}
     conns = [socket.socket() for _ in range(count)]
-    for conn in conns:  # a burst, as a pool of keep-alive clients opens them
-        conn.setblocking(False)
-        conn.connect_ex(("127.0.0.1", port))
     try:
-        time.sleep(1.0)  # let the workers' event loops accept
-        return sorted(_sockets(w) - before[w] for w in workers)
+        for conn in conns:  # a burst, as a pool of keep-alive clients opens them
+            conn.setblocking(False)
+            conn.connect_ex(("127.0.0.1", port))
+        ports = {conn.getsockname()[1] for conn in conns}
+        deadline = time.time() + 30
+        while True:  # until the workers' event loops have accepted them all
+            inodes = _accepted_by(port, ports)
+            owned = {w: _socket_inodes(w) for w in workers}
+            spread = sorted(sum(i in owned[w] for i in inodes.values()) for w in workers)
+            if sum(spread) == count or time.time() > deadline:
+                return spread
+            time.sleep(0.1)
     finally:
         for conn in conns:
             conn.close()
