@@ -43,7 +43,8 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
         assert set(row["statuses"]) == {"200"}, row  # every request answered, none refused
         assert row["rps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_cpu_ms"] >= row["event_loop_cpu_ms"] > 0 and row["model_alone_best"] > 0
-        assert 0 < row["model_busy"] <= 1.05 and 0 < row["event_loop_busy"] <= 1.05
+        # Shares of the 1 s window; a batch running at its edge counts whole, hence the slack.
+        assert 0 < row["model_busy"] <= 1.25 and 0 < row["event_loop_busy"] <= 1.25
         assert 0 < row["decode_ms"] < row["p50_ms"]
     batched_c4 = report["rows"][1]
     assert batched_c4["concurrency"] == 4 and batched_c4["mean_batch"] >= 1
