@@ -90,13 +90,18 @@ def measure(
     }
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is served, and how: shared by this tool and bench.serve_load."""
+    parser.add_argument("--checkpoint", type=Path, default=Path("weights"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.model_alone", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--checkpoint", type=Path, default=Path("weights"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    add_model_arguments(parser)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")

@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve_load", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--checkpoint", type=Path, default=Path("weights"))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    model_alone.add_model_arguments(parser)
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="measured seconds per load level"
