@@ -46,11 +46,14 @@ def time_batches(
         ms = statistics.median(times) * 1000
         rows[batch] = {"ms": ms, "images_per_s": batch / (ms / 1000)}
     name = (
-        torch.cuda.get_device_name(predictor.device)
-        if predictor.device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)"
+        torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else "cpu"
     )
-    return {"device": name, "precision": predictor.precision, "batches": rows}
+    return {
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "precision": predictor.precision,
+        "batches": rows,
+    }
 
 
 def measure(
@@ -84,6 +87,7 @@ def measure(
         }
     return {
         "device": results[0]["device"],
+        "threads": results[0]["threads"],
         "precision": results[0]["precision"],
         "procs": procs,
         "batches": combined,

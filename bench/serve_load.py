@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                     _load(host, port, requests, c, args.seconds, args.warmup, proc.pid)
                 )
                 m, window = result.metrics, args.seconds * workers
+
+                def per_request_ms(seconds: float, ok: int = result.ok) -> float:
+                    return seconds / ok * 1000 if ok else float("nan")
+
                 count = m.get("inference_batch_size_count", 0.0)
                 mean_batch = (
                     m.get("inference_batch_size_sum", 0.0) / count if count else float("nan")
@@ -325,12 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                     # forward pass (device transfer included), and on its event loop's CPU.
                     "model_busy": m.get("inference_batch_seconds_sum", float("nan")) / window,
                     "event_loop_busy": result.event_loop_cpu_s / window,
-                    "decode_ms": m.get("image_decode_seconds_sum", float("nan")) / result.ok * 1000
-                    if result.ok else float("nan"),
+                    "decode_ms": per_request_ms(m.get("image_decode_seconds_sum", float("nan"))),
                     "config": label, "concurrency": c, "rps": result.rps, "p50_ms": result.percentile(50),
                     "p99_ms": result.percentile(99), "mean_batch": mean_batch, "statuses": result.statuses,
-                    "server_cpu_ms": result.server_cpu_s / result.ok * 1000 if result.ok else float("nan"),
-                    "event_loop_cpu_ms": result.event_loop_cpu_s / result.ok * 1000 if result.ok else float("nan"),
+                    "server_cpu_ms": per_request_ms(result.server_cpu_s),
+                    "event_loop_cpu_ms": per_request_ms(result.event_loop_cpu_s),
                 })  # fmt: skip
                 print(f"{label}, c={c}: {result.rps:.1f} req/s, p50 {result.percentile(50):.1f} ms, "
                       f"p99 {result.percentile(99):.1f} ms, batch {mean_batch:.1f}, {result.statuses}", file=sys.stderr)  # fmt: skip
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         baselines.append({"config": label, "points": points})
 
-    device = baselines[0]["points"][0][0]["device"].split(" (")[0]
+    device = baselines[0]["points"][0][0]["device"]
     print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs\n")
     print("Model alone (no HTTP), timed before each load level and after the last: range over a "
           "configuration's measurements.\n")  # fmt: skip
@@ -364,15 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(len(entry["points"][0])):
             series = [point[k] for point in entry["points"]]
             first_m = series[0]
-            threads = (
-                first_m["device"].split("(")[-1].split()[0] if "(" in first_m["device"] else "-"
-            )
             cells = []
             for b in args.model_batches:
                 ms = [m["batches"][b]["ms"] for m in series]
                 ips = [m["batches"][b]["images_per_s"] for m in series]
                 cells.append(f"{min(ms):.2f}-{max(ms):.2f} / {min(ips):.1f}-{max(ips):.1f}")
-            print(f"| {entry['config']} | {first_m['procs']} x {threads} | {' | '.join(cells)} |")
+            print(
+                f"| {entry['config']} | {first_m['procs']} x {first_m['threads']} | {' | '.join(cells)} |"
+            )
     print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
           "server CPU ms/request (event loop) | decode ms/request | busy: model / event loop | "
           "vs model alone (best images/s on either side) | p50 - model batch 1 |")  # fmt: skip
