@@ -73,9 +73,10 @@ def train(name: str, args: list[str], data: Path, work: Path, logs: Path) -> dic
     return summary
 
 
-def final_val_acc(run_dir: Path) -> float:
-    last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
-    return float(json.loads(last)["val_acc"])
+def run_metrics(work: Path, name: str) -> list[dict]:
+    """The per-epoch lines of a run's metrics.jsonl."""
+    text = (work / "runs" / name / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def main() -> int:
@@ -130,10 +131,7 @@ def main() -> int:
     if fast is not None and not (
         fast["test"]["accuracy"] >= FAST_ACC and fast["train_seconds"] <= FAST_SECONDS
     ):
-        metrics = [
-            json.loads(line)
-            for line in (work / "runs" / fast["name"] / "metrics.jsonl").read_text().splitlines()
-        ]
+        metrics = run_metrics(work, fast["name"])
         per_epoch = sorted(m["epoch_s"] for m in metrics)[len(metrics) // 2]
         setup = fast["train_seconds"] - sum(m["epoch_s"] for m in metrics)  # graph capture
         epochs = max(16, math.floor((FAST_SECONDS - 0.5 - setup) / per_epoch))
@@ -161,7 +159,7 @@ def main() -> int:
     if fast_runs and time_left() > 25:
         ok = [s for s in fast_runs if s["train_seconds"] <= FAST_SECONDS] or fast_runs
         # Chosen on validation accuracy: the test set only reports, it does not select.
-        chosen = max(ok, key=lambda s: final_val_acc(work / "runs" / s["name"]))
+        chosen = max(ok, key=lambda s: run_metrics(work, s["name"])[-1]["val_acc"])
         print(f"== exporting {chosen['name']}", flush=True)
         (logs / "chosen.txt").write_text(chosen["name"] + "\n")
         ckpt = work / "runs" / chosen["name"] / "last.pt"
