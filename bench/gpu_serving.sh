@@ -19,6 +19,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu-serving-device.txt"
 # The load generator shares the host's 16 cores with the server; it is a light asyncio client.
-python3 -m bench.serve_load --device cuda --seconds 8 --warmup 2 --concurrency 1,8,32,64,128 \
-  --model-batches 1,8,32,64 --max-batch-size 64 --workers 1,2 --baseline-at ends --json-out "$OUT/gpu-serving.json" 2>&1 \
+# About 5 minutes: 3 configurations x 5 levels x 2 rounds of 3 s load + 0.5 s per model batch size.
+python3 -m bench.serve_load --device cuda --rounds 2 --seconds 3 --warmup 1 --round-warmup 0.5 \
+  --model-seconds 0.5 --concurrency 1,8,32,64,128 --model-batches 1,8,32,64 --max-batch-size 64 \
+  --workers 1,2 --json-out "$OUT/gpu-serving.json" 2>&1 \
   | tee "$OUT/gpu-serving.txt"

@@ -6,9 +6,11 @@
 Prints one JSON object: the device, the precision (with `--precision auto` on a CPU, the one the
 service's warm-up would choose), and per batch size the median milliseconds per batch and the
 images/s. With `--procs P`, P processes run the same loop at the same time (as P server workers
-would) and the images/s are their sum. bench.serve_load runs this before every load level and
-after the last, so each row's baseline is measured next to it: on shared CPUs the model's own
-speed drifts.
+would) and the images/s are their sum.
+
+bench.serve_load keeps such processes resident (`Resident`): loaded and warmed up once, they
+time the model on request in the seconds right after each load window, because on shared CPUs
+the model's own speed drifts by up to 2x within a minute.
 """
 
 from __future__ import annotations
@@ -20,19 +22,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
-from app.predictor import load_predictor
+from app.predictor import Predictor, load_predictor
 
 
-def time_batches(
-    checkpoint: Path, device: str, precision: str, batches: list[int], seconds: float
-) -> dict:
-    predictor = load_predictor(checkpoint, device, precision)
-    predictor.warm_up(
-        max(batches), choose_precision=precision == "auto" and predictor.device.type == "cpu"
-    )
+def _time(predictor: Predictor, batches: list[int], seconds: float) -> dict[int, dict]:
+    """Median ms per batch and images/s, for each batch size in turn."""
     rows = {}
     for batch in batches:
         images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
@@ -45,15 +43,76 @@ def time_batches(
             times.append(time.perf_counter() - start)
         ms = statistics.median(times) * 1000
         rows[batch] = {"ms": ms, "images_per_s": batch / (ms / 1000)}
-    name = (
-        torch.cuda.get_device_name(predictor.device) if predictor.device.type == "cuda" else "cpu"
-    )
-    return {
-        "device": name,
-        "threads": torch.get_num_threads(),
-        "precision": predictor.precision,
-        "batches": rows,
-    }
+    return rows
+
+
+class Resident:
+    """`procs` processes, each loaded and warmed up once, that time the model together on each
+    `time()` call: the images/s are their sum, the ms per batch their mean."""
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: str,
+        precision: str,
+        batches: list[int],
+        threads: int | None = None,
+        procs: int = 1,
+    ) -> None:
+        self.batches, self.procs = batches, procs
+        cmd = [
+            sys.executable, "-m", "bench.model_alone", "--resident", "--checkpoint", str(checkpoint),
+            "--device", device, "--precision", precision, "--batches", ",".join(map(str, batches)),
+            *(["--threads", str(threads)] if threads else []),
+        ]  # fmt: skip
+        self._cmd = " ".join(cmd)
+        self._running = [
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(procs)
+        ]
+        # Each child prints what it serves once loaded: device, threads, precision.
+        infos = [self._answer(p) for p in self._running]
+        self.info = infos[0]
+
+    def _answer(self, proc: subprocess.Popen) -> dict:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            self.close()
+            raise RuntimeError(f"{self._cmd} exited with code {proc.wait()}")
+        return json.loads(line)
+
+    def time(self, seconds: float) -> dict:
+        for proc in self._running:  # all start at once, as server workers would run
+            assert proc.stdin is not None
+            proc.stdin.write(f"{seconds}\n")
+            proc.stdin.flush()
+        results = [self._answer(p)["batches"] for p in self._running]
+        combined = {}
+        for batch in self.batches:
+            per = [r[str(batch)] for r in results]
+            combined[batch] = {
+                "ms": statistics.mean(p["ms"] for p in per),
+                "images_per_s": sum(p["images_per_s"] for p in per),
+            }
+        return {**self.info, "procs": self.procs, "batches": combined}
+
+    def close(self) -> None:
+        for proc in self._running:
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.close()  # end of input: the child exits
+        for proc in self._running:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def __enter__(self) -> Resident:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 def measure(
@@ -65,33 +124,22 @@ def measure(
     threads: int | None = None,
     procs: int = 1,
 ) -> dict:
-    """Run `procs` fresh processes at once; images/s summed, ms per batch averaged."""
-    cmd = [
-        sys.executable, "-m", "bench.model_alone", "--checkpoint", str(checkpoint),
-        "--device", device, "--precision", precision, "--seconds", str(seconds),
-        "--batches", ",".join(map(str, batches)), *(["--threads", str(threads)] if threads else []),
-    ]  # fmt: skip
-    running = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
-    results = []
-    for proc in running:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-        results.append(json.loads(out))
-    combined = {}
-    for batch in batches:
-        per = [r["batches"][str(batch)] for r in results]
-        combined[batch] = {
-            "ms": statistics.mean(p["ms"] for p in per),
-            "images_per_s": sum(p["images_per_s"] for p in per),
-        }
-    return {
-        "device": results[0]["device"],
-        "threads": results[0]["threads"],
-        "precision": results[0]["precision"],
-        "procs": procs,
-        "batches": combined,
-    }
+    """Time the model once in `procs` fresh processes running at the same time."""
+    with Resident(checkpoint, device, precision, batches, threads, procs) as resident:
+        return resident.time(seconds)
+
+
+def _serve_timings(args: argparse.Namespace, batches: list[int]) -> None:
+    """The child of `Resident`: load, say what is served, then time on each line of input."""
+    predictor = load_predictor(args.checkpoint, args.device, args.precision)
+    choose = args.precision == "auto" and predictor.device.type == "cpu"
+    predictor.warm_up(max(batches), choose_precision=choose)
+    device = predictor.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    info = {"device": name, "threads": torch.get_num_threads(), "precision": predictor.precision}
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        print(json.dumps({"batches": _time(predictor, batches, float(line))}), flush=True)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,17 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     parser.add_argument("--procs", type=int, default=1, help="processes running at once")
+    parser.add_argument("--resident", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    if args.procs > 1:
-        result = measure(
-            args.checkpoint, args.device, args.precision, batches, args.seconds,
-            args.threads, args.procs,
-        )  # fmt: skip
-    else:
+    if args.resident:
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = time_batches(args.checkpoint, args.device, args.precision, batches, args.seconds)
+        _serve_timings(args, batches)
+        return 0
+    result = measure(
+        args.checkpoint, args.device, args.precision, batches, args.seconds, args.threads, args.procs
+    )  # fmt: skip
     print(json.dumps(result))
     return 0
 

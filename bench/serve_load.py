@@ -1,6 +1,6 @@
 """Serving throughput and latency: the service under load, next to its baselines, in one run.
 
-    python -m bench.serve_load [--checkpoint weights] [--device auto] [--seconds 10]
+    python -m bench.serve_load [--checkpoint weights] [--device auto] [--rounds 4] [--seconds 3]
 
 1. the service (`python -m app`, a subprocess on 127.0.0.1) with dynamic batching, with 1 and
    (--workers) more processes, and
@@ -15,13 +15,14 @@ event loop's CPU (near 100%: HTTP is); "decode" is the decoding time per request
 threads (from /metrics).
 
 Baseline: the model alone (no HTTP, bench.model_alone) on batches of 1, 8, 32, in the precision
-the service serves, timed before every load level and after the last (the server idles
-meanwhile): one process on all cores and, for N workers, also N processes at once with the
-service's threads each. On shared CPUs the model's speed drifts by up to 2x within minutes, so
-each row is compared with the measurements on either side of it, the faster ones: its ratio to
-their best images/s, and at concurrency 1 its p50 minus their one-process batch-1 time. The
-load generator is a minimal keep-alive HTTP/1.1 client on asyncio (about 0.1 ms of CPU per
-request).
+the service serves: one process on all cores and, for N workers, also N processes at once with
+the service's threads each. On shared CPUs the model's speed drifts by up to 2x within a minute,
+so each load level runs in rounds: a few seconds of load, then (the server idle) the model alone,
+timed by resident processes loaded once. Each round compares its load window with the timings
+taken right after it: requests/s against the best images/s of any batch size and process
+layout, and at concurrency 1 the p50 against the one-process batch-1 time. The table gives the
+median and range of these per-round comparisons. The load generator is a minimal keep-alive
+HTTP/1.1 client on asyncio (about 0.1 ms of CPU per request).
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import itertools
 import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,6 +204,14 @@ def start_server(
     raise RuntimeError("server did not become healthy in 180 s")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _stat_cpu(stat_path: Path) -> tuple[int, float]:
     """(parent pid, user + system seconds) from a /proc stat file."""
     stat = stat_path.read_text()
@@ -226,34 +236,58 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     return total, loop
 
 
-def _baseline(args: argparse.Namespace, precision: str, threads: int | None, procs: int) -> dict:
-    result = model_alone.measure(
-        args.checkpoint, args.device, precision, args.model_batches, args.model_seconds,
-        threads, procs,
-    )  # fmt: skip
-    for batch, row in result["batches"].items():
-        print(f"model alone, {procs} process(es) x {threads or 'all'} threads, batch {batch}: "
-              f"{row['ms']:.2f} ms, {row['images_per_s']:.1f} images/s", file=sys.stderr)  # fmt: skip
-    return result
+def merge(results: list[LoadResult]) -> LoadResult:
+    """Several measured windows at one concurrency as one: their requests, times and counters."""
+    out = LoadResult(results[0].concurrency, sum(r.seconds for r in results))
+    out.server_cpu_s = sum(r.server_cpu_s for r in results)
+    out.event_loop_cpu_s = sum(r.event_loop_cpu_s for r in results)
+    for r in results:
+        out.latencies += r.latencies
+        for status, n in r.statuses.items():
+            out.statuses[status] = out.statuses.get(status, 0) + n
+        for k, v in r.metrics.items():
+            out.metrics[k] = out.metrics.get(k, 0.0) + v
+    return out
 
 
-def around_rows(points: list, rows: int) -> list[tuple]:
-    """The baseline measurements on either side of each of `rows` load levels: consecutive
-    pairs when the model was timed before every level and after the last, else (first, last)."""
-    if len(points) == rows + 1:
-        return list(itertools.pairwise(points))
-    return [(points[0], points[-1])] * rows
+def compare(result: LoadResult, alone: list[dict]) -> dict:
+    """One round: the load window against the model-alone timings taken right after it."""
+    best = max(r["images_per_s"] for m in alone for r in m["batches"].values())
+    batch1 = [m["batches"][1]["ms"] for m in alone if m["procs"] == 1 and 1 in m["batches"]]
+    p50 = result.percentile(50)
+    return {
+        "rps": result.rps, "p50_ms": p50, "model_alone_best": best, "ratio": result.rps / best,
+        "model_alone_batch1_ms": batch1[0] if batch1 else float("nan"),
+        "p50_minus_batch1_ms": p50 - batch1[0] if batch1 else float("nan"),
+    }  # fmt: skip
 
 
-def _alone_point(
-    args: argparse.Namespace, precision: str, workers: int, threads: int, reuse: dict | None = None
-) -> list[dict]:
-    """The model alone in one process on all cores and, for several workers, as many processes
-    with the service's threads each (that configuration's own ceiling)."""
-    point = [reuse or _baseline(args, precision, args.threads, 1)]
-    if workers > 1:
-        point.append(_baseline(args, precision, threads, workers))
-    return point
+def median_range(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def _summary_row(label: str, c: int, rounds: list[dict], merged: LoadResult, workers: int) -> dict:
+    m, window = merged.metrics, merged.seconds * workers
+
+    def per_request_ms(seconds: float) -> float:
+        return seconds / merged.ok * 1000 if merged.ok else float("nan")
+
+    count = m.get("inference_batch_size_count", 0.0)
+    return {
+        "config": label, "concurrency": c, "rps": merged.rps, "p50_ms": merged.percentile(50),
+        "p99_ms": merged.percentile(99), "statuses": merged.statuses,
+        "mean_batch": m.get("inference_batch_size_sum", 0.0) / count if count else float("nan"),
+        "server_cpu_ms": per_request_ms(merged.server_cpu_s),
+        "event_loop_cpu_ms": per_request_ms(merged.event_loop_cpu_s),
+        "decode_ms": per_request_ms(m.get("image_decode_seconds_sum", float("nan"))),
+        # Where the limit sits: the share of the window each process spent in the forward
+        # pass (device transfer included), and on its event loop's CPU.
+        "model_busy": m.get("inference_batch_seconds_sum", float("nan")) / window,
+        "event_loop_busy": merged.event_loop_cpu_s / window,
+        "ratio": median_range([r["ratio"] for r in rounds]),
+        "p50_minus_batch1_ms": median_range([r["p50_minus_batch1_ms"] for r in rounds]),
+        "rounds": rounds,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,12 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     model_alone.add_model_arguments(parser)
     parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--rounds", type=int, default=4, help="load/model-alone pairs per level")
     parser.add_argument(
-        "--seconds", type=float, default=10.0, help="measured seconds per load level"
+        "--seconds", type=float, default=3.0, help="measured seconds of load per round"
     )
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="unmeasured seconds of load before each level"
+    )
+    parser.add_argument(
+        "--round-warmup", type=float, default=1.0,
+        help="unmeasured seconds of load at the start of each round (the server idled meanwhile)",
+    )  # fmt: skip
     parser.add_argument("--model-batches", default="1,8,32")
-    parser.add_argument("--model-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--model-seconds", type=float, default=1.0,
+        help="seconds the model alone is timed per batch size, after each load window",
+    )  # fmt: skip
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument(
         "--delay-ms", type=float, default=2.0, help="max_batch_delay_ms of the server"
@@ -277,116 +321,95 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-unbatched", action="store_true", help="skip the max_batch_size=1 baseline"
     )
-    parser.add_argument(
-        "--baseline-at", choices=("each-level", "ends"), default="each-level",
-        help="time the model alone before every load level, or only before and after each "
-        "configuration (a dedicated GPU drifts little, and each timing restarts CUDA)",
-    )  # fmt: skip
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
-    args.model_batches = [int(b) for b in args.model_batches.split(",")]
+    batches = [int(b) for b in args.model_batches.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     workers_list = [int(w) for w in args.workers.split(",")]
     cpus = os.cpu_count() or 1
 
-    # The precision the service will choose (on a CPU: the faster of fp32 and bf16 at warm-up).
-    first = _baseline(args, args.precision, args.threads, 1)
-    precision = first["precision"]
-    uploads = jpeg_uploads(64)
-    configs = [
-        (f"service, batching (max {args.max_batch_size}, {args.delay_ms:g} ms)", args.max_batch_size, w)
-        for w in workers_list
-    ]  # fmt: skip
-    if not args.no_unbatched:
-        configs.append(("service, batching off (max_batch_size=1)", 1, workers_list[0]))
     rows, baselines = [], []
-    for n, (name, max_batch, workers) in enumerate(configs):
-        threads = args.threads or max(1, cpus // workers)
-        label = name + (f", {workers} processes x {threads} thread(s)" if workers > 1 else "")
+    with ExitStack() as stack:
+        # The model alone in one process on all cores, for every configuration; it also tells
+        # the precision the service will choose (on a CPU: the faster of fp32 and bf16).
+        whole = stack.enter_context(model_alone.Resident(
+            args.checkpoint, args.device, args.precision, batches, args.threads, 1
+        ))  # fmt: skip
+        precision = whole.info["precision"]
+        uploads = jpeg_uploads(64)
+        configs = [
+            (f"service, batching (max {args.max_batch_size}, {args.delay_ms:g} ms)", args.max_batch_size, w)
+            for w in workers_list
+        ]  # fmt: skip
+        if not args.no_unbatched:
+            configs.append(("service, batching off (max_batch_size=1)", 1, workers_list[0]))
+        for name, max_batch, workers in configs:
+            threads = args.threads or max(1, cpus // workers)
+            label = name + (f", {workers} processes x {threads} thread(s)" if workers > 1 else "")
+            with ExitStack() as config_stack:
+                groups = [whole]
+                if workers > 1:  # N processes with the service's threads each: its own ceiling
+                    groups.append(config_stack.enter_context(model_alone.Resident(
+                        args.checkpoint, args.device, precision, batches, threads, workers
+                    )))  # fmt: skip
+                proc, url = start_server(args, precision, max_batch, workers)
+                config_stack.callback(stop_server, proc)
+                host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+                requests = [http_request(host, port, u) for u in uploads]
+                points = []
+                for c in levels:
+                    asyncio.run(_load(host, port, requests, c, 0.0, args.warmup))
+                    results, rounds = [], []
+                    for _ in range(args.rounds):
+                        # Load, then (the server idle) the model alone: each round's ratio
+                        # compares measurements seconds apart.
+                        result = asyncio.run(_load(
+                            host, port, requests, c, args.seconds, args.round_warmup, proc.pid
+                        ))  # fmt: skip
+                        alone = [g.time(args.model_seconds) for g in groups]
+                        results.append(result)
+                        rounds.append(compare(result, alone))
+                        points.append(alone)
+                    row = _summary_row(label, c, rounds, merge(results), workers)
+                    rows.append(row)
+                    print(f"{label}, c={c}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
+                          f"p99 {row['p99_ms']:.1f} ms, batch {row['mean_batch']:.1f}, "
+                          f"{row['ratio'][0] * 100:.0f}% of the model alone, {row['statuses']}",
+                          file=sys.stderr)  # fmt: skip
+                baselines.append({"config": label, "points": points})
 
-        proc, url = start_server(args, precision, max_batch, workers)
-        host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-        requests = [http_request(host, port, u) for u in uploads]
-        # The model alone is timed before every load level and after the last one (the server
-        # idles meanwhile); each row is compared with the measurements on either side of it.
-        points = [_alone_point(args, precision, workers, threads, first if n == 0 else None)]
-        try:
-            for c in levels:
-                result = asyncio.run(
-                    _load(host, port, requests, c, args.seconds, args.warmup, proc.pid)
-                )
-                m, window = result.metrics, args.seconds * workers
-
-                def per_request_ms(seconds: float, ok: int = result.ok) -> float:
-                    return seconds / ok * 1000 if ok else float("nan")
-
-                count = m.get("inference_batch_size_count", 0.0)
-                mean_batch = (
-                    m.get("inference_batch_size_sum", 0.0) / count if count else float("nan")
-                )
-                rows.append({
-                    # Where the limit sits: the share of the window each process spent in the
-                    # forward pass (device transfer included), and on its event loop's CPU.
-                    "model_busy": m.get("inference_batch_seconds_sum", float("nan")) / window,
-                    "event_loop_busy": result.event_loop_cpu_s / window,
-                    "decode_ms": per_request_ms(m.get("image_decode_seconds_sum", float("nan"))),
-                    "config": label, "concurrency": c, "rps": result.rps, "p50_ms": result.percentile(50),
-                    "p99_ms": result.percentile(99), "mean_batch": mean_batch, "statuses": result.statuses,
-                    "server_cpu_ms": per_request_ms(result.server_cpu_s),
-                    "event_loop_cpu_ms": per_request_ms(result.event_loop_cpu_s),
-                })  # fmt: skip
-                print(f"{label}, c={c}: {result.rps:.1f} req/s, p50 {result.percentile(50):.1f} ms, "
-                      f"p99 {result.percentile(99):.1f} ms, batch {mean_batch:.1f}, {result.statuses}", file=sys.stderr)  # fmt: skip
-                if args.baseline_at == "each-level" or c == levels[-1]:
-                    points.append(_alone_point(args, precision, workers, threads))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for row, around in zip(rows[-len(levels) :], around_rows(points, len(levels)), strict=True):
-            measured = [m for point in around for m in point]
-            row["model_alone_best"] = max(
-                r["images_per_s"] for m in measured for r in m["batches"].values()
-            )  # the faster side: the harder baseline
-            row["model_alone_batch1_ms"] = min(
-                (m["batches"][1]["ms"] for m in measured if m["procs"] == 1 and 1 in m["batches"]),
-                default=float("nan"),
-            )
-        baselines.append({"config": label, "points": points})
-
-    device = baselines[0]["points"][0][0]["device"]
-    print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs\n")
-    print("Model alone (no HTTP), timed before each load level and after the last: range over a "
-          "configuration's measurements.\n")  # fmt: skip
+    device = whole.info["device"]
+    print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs, "
+          f"{args.rounds} rounds of {args.seconds:g} s per level\n")  # fmt: skip
+    print("Model alone (no HTTP), timed after each round's load window: range over a "
+          "configuration's rounds.\n")  # fmt: skip
     print("| next to | processes x threads | "
-          + " | ".join(f"batch {b}: ms / images/s" for b in args.model_batches) + " |")  # fmt: skip
-    print("| --- | --- |" + " ---: |" * len(args.model_batches))
+          + " | ".join(f"batch {b}: ms / images/s" for b in batches) + " |")  # fmt: skip
+    print("| --- | --- |" + " ---: |" * len(batches))
     for entry in baselines:
         for k in range(len(entry["points"][0])):
             series = [point[k] for point in entry["points"]]
-            first_m = series[0]
             cells = []
-            for b in args.model_batches:
+            for b in batches:
                 ms = [m["batches"][b]["ms"] for m in series]
                 ips = [m["batches"][b]["images_per_s"] for m in series]
                 cells.append(f"{min(ms):.2f}-{max(ms):.2f} / {min(ips):.1f}-{max(ips):.1f}")
+            first = series[0]
             print(
-                f"| {entry['config']} | {first_m['procs']} x {first_m['threads']} | {' | '.join(cells)} |"
+                f"| {entry['config']} | {first['procs']} x {first['threads']} | {' | '.join(cells)} |"
             )
     print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | mean batch | "
           "server CPU ms/request (event loop) | decode ms/request | busy: model / event loop | "
-          "vs model alone (best images/s on either side) | p50 - model batch 1 |")  # fmt: skip
+          "vs model alone, per round: median (range) | p50 - model batch 1, per round: median (range) |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         batch = "n/a" if r["mean_batch"] != r["mean_batch"] else f"{r['mean_batch']:.1f}"
+        ratio, gap = r["ratio"], r["p50_minus_batch1_ms"]
         print(f"| {r['config']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
               f"{batch} | {r['server_cpu_ms']:.2f} ({r['event_loop_cpu_ms']:.2f}) | {r['decode_ms']:.2f} | "
               f"{r['model_busy'] * 100:.0f}% / {r['event_loop_busy'] * 100:.0f}% | "
-              f"{r['rps'] / r['model_alone_best'] * 100:.0f}% ({r['model_alone_best']:.1f}) | "
-              + (f"{r['p50_ms'] - r['model_alone_batch1_ms']:+.1f} ms ({r['model_alone_batch1_ms']:.2f}) |"
-                 if r["concurrency"] == 1 else " |"))  # fmt: skip
+              f"{ratio[0] * 100:.0f}% ({ratio[1] * 100:.0f}-{ratio[2] * 100:.0f}%) | "
+              + (f"{gap[0]:+.1f} ms ({gap[1]:+.1f} to {gap[2]:+.1f}) |" if r["concurrency"] == 1 else " |"))  # fmt: skip
     if args.json_out:
         args.json_out.write_text(
             json.dumps({"device": device, "precision": precision, "baselines": baselines, "rows": rows}, indent=1)

@@ -1,9 +1,10 @@
 """The serving benchmark runs end to end on a small budget and reports what its README table
-needs: a baseline per configuration, and per load level only answered requests."""
+needs: a baseline per round, and per load level only answered requests."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,14 +25,27 @@ def test_model_alone_in_two_processes_sums_their_throughput(artifact: Path) -> N
 
 
 @pytest.mark.slow
+def test_resident_model_alone_times_again_without_reloading(artifact: Path) -> None:
+    with model_alone.Resident(artifact, "cpu", "fp32", [1, 2], threads=1) as resident:
+        pid = resident._running[0].pid
+        first, second = resident.time(0.1), resident.time(0.1)
+        assert resident._running[0].pid == pid and resident._running[0].poll() is None
+    assert resident._running[0].poll() == 0  # closing its input ends it cleanly
+    for timing in (first, second):
+        assert timing["precision"] == "fp32" and timing["threads"] == 1
+        assert set(timing["batches"]) == {1, 2} and timing["batches"][2]["ms"] > 0
+
+
+@pytest.mark.slow
 def test_serve_load_measures_the_service_next_to_its_baseline(
     artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "load.json"
     code = serve_load.main([
         "--checkpoint", str(artifact), "--device", "cpu", "--precision", "fp32",
-        "--concurrency", "1,4", "--seconds", "1", "--warmup", "0.3",
-        "--model-batches", "1,4", "--model-seconds", "0.2", "--max-batch-size", "4",
+        "--concurrency", "1,4", "--rounds", "2", "--seconds", "0.6", "--warmup", "0.3",
+        "--round-warmup", "0.1", "--model-batches", "1,4", "--model-seconds", "0.1",
+        "--max-batch-size", "4",
         "--json-out", str(out),
     ])  # fmt: skip
     assert code == 0
@@ -42,10 +56,14 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
     for row in report["rows"]:
         assert set(row["statuses"]) == {"200"}, row  # every request answered, none refused
         assert row["rps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
-        assert row["server_cpu_ms"] >= row["event_loop_cpu_ms"] > 0 and row["model_alone_best"] > 0
+        assert row["server_cpu_ms"] >= row["event_loop_cpu_ms"] > 0
+        assert len(row["rounds"]) == 2 and all(r["model_alone_best"] > 0 for r in row["rounds"])
+        median, low, high = row["ratio"]
+        assert 0 < low <= median <= high
         # Shares of the 1 s window; a batch running at its edge counts whole, hence the slack.
         assert 0 < row["model_busy"] <= 1.25 and 0 < row["event_loop_busy"] <= 1.25
         assert 0 < row["decode_ms"] < row["p50_ms"]
+    assert all(math.isfinite(r["p50_minus_batch1_ms"][0]) for r in report["rows"])
     batched_c4 = report["rows"][1]
     assert batched_c4["concurrency"] == 4 and batched_c4["mean_batch"] >= 1
     assert report["rows"][3]["mean_batch"] == 1  # max_batch_size=1 really runs one at a time
@@ -53,6 +71,23 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
     assert "| configuration | concurrency | requests/s |" in table
 
 
-def test_each_row_is_compared_with_the_baselines_around_it() -> None:
-    assert serve_load.around_rows(["a", "b", "c", "d"], 3) == [("a", "b"), ("b", "c"), ("c", "d")]
-    assert serve_load.around_rows(["a", "d"], 3) == [("a", "d")] * 3  # --baseline-at ends
+def test_each_round_is_compared_with_the_model_timed_right_after_it() -> None:
+    def window(rps: float, p50_s: float) -> serve_load.LoadResult:
+        result = serve_load.LoadResult(1, 2.0, [p50_s] * 3, {200: int(rps * 2)}, 1.0, 0.5)
+        result.metrics = {"inference_batch_size_count": 4.0}
+        return result
+
+    def alone(procs: int, b1_images_per_s: float, b8_images_per_s: float) -> dict:
+        return {"procs": procs, "batches": {
+            1: {"ms": 1000 / b1_images_per_s, "images_per_s": b1_images_per_s},
+            8: {"ms": 8000 / b8_images_per_s, "images_per_s": b8_images_per_s},
+        }}  # fmt: skip
+
+    round_ = serve_load.compare(window(50, 0.030), [alone(1, 40, 100), alone(2, 30, 125)])
+    assert round_["model_alone_best"] == 125  # the best batch size and process layout
+    assert round_["ratio"] == pytest.approx(0.4)
+    assert round_["p50_minus_batch1_ms"] == pytest.approx(30 - 25)  # one process's batch 1
+    merged = serve_load.merge([window(50, 0.030), window(100, 0.010)])
+    assert merged.seconds == 4.0 and merged.ok == 300 and merged.server_cpu_s == 2.0
+    assert merged.metrics == {"inference_batch_size_count": 8.0}
+    assert serve_load.median_range([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
