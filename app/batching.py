@@ -62,6 +62,14 @@ def _resolve(future: asyncio.Future[torch.Tensor], result: torch.Tensor | BaseEx
         future.set_result(result)
 
 
+_Result = tuple[asyncio.Future[torch.Tensor], torch.Tensor | BaseException]
+
+
+def _resolve_all(results: list[_Result]) -> None:
+    for future, result in results:
+        _resolve(future, result)
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -77,7 +85,9 @@ class DynamicBatcher:
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
         self._metrics = metrics
-        self._queue: queue.Queue[_Item | object] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Item | object] = (
+            queue.SimpleQueue()
+        )  # in C: cheaper than Queue
         self._lock = threading.Lock()
         self._waiting = 0  # images queued, not yet in a batch
         self._incoming = 0  # requests decoding, whose images will arrive soon
@@ -206,6 +216,10 @@ class DynamicBatcher:
             log.exception("inference failed for a batch of %d", len(items))
             probs = exc
         self._metrics.inference_seconds.observe(time.perf_counter() - start)
+        # One hand-off per event loop, not per image: each wakes that loop from another thread.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Result]] = {}
         for n, item in enumerate(items):
             result = probs if isinstance(probs, BaseException) else probs[n]
-            item.loop.call_soon_threadsafe(_resolve, item.future, result)
+            by_loop.setdefault(item.loop, []).append((item.future, result))
+        for loop, results in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, results)

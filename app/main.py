@@ -134,6 +134,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         await asyncio.to_thread(loader.join)
         if state.batcher is not None:
             await asyncio.to_thread(state.batcher.stop, settings.graceful_shutdown_s)
+        state.decoders.shutdown(wait=False)
 
     app = FastAPI(
         title="alexnet-serve",

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFi
 from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import run_in_threadpool
 
 from app.batching import DeadlineExceeded, DynamicBatcher, QueueFull, Ticket
 from app.decoding import ImageError, decode_upload
@@ -107,8 +106,9 @@ def _timed_decode(state: ServingState, data: bytes, size: int) -> torch.Tensor:
 
 async def _decode(state: ServingState, upload: UploadFile, size: int) -> torch.Tensor:
     data = await upload.read()
+    loop = asyncio.get_running_loop()
     try:
-        return await run_in_threadpool(_timed_decode, state, data, size)
+        return await loop.run_in_executor(state.decoders, _timed_decode, state, data, size)
     except ImageError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise
