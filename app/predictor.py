@@ -91,8 +91,8 @@ def load_predictor(checkpoint: Path, device_spec: str, precision: str) -> Predic
     than there are cores, its workers stop spinning at the barriers between ops and sleep on a
     futex instead. Loading on the server's main thread left it such a pool next to the
     inference thread's, and each forward pass then slept and woke at nearly every op: on 2
-    vCPUs, 17-18% of the CPU idle at concurrency 32 (6% without) and 1-3.6 ms more latency at
-    concurrency 1 (README, "Serving speed").
+    vCPUs, 17-18% of the CPU idle at concurrency 32 (6-7% without) and 0.98-3.64 ms more p50
+    latency at concurrency 1 (README, "Serving speed").
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load") as pool:
         return pool.submit(_load, checkpoint, device_spec, precision).result()

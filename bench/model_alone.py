@@ -10,7 +10,7 @@ would) and the images/s are their sum.
 
 bench.serve_load keeps such processes resident (`Resident`): loaded and warmed up once, they
 time the model on request in the seconds right after each load window, because on shared CPUs
-the model's own speed drifts by up to 2x within a minute.
+the model's own speed drifts by 2x and more within seconds.
 """
 
 from __future__ import annotations

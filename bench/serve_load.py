@@ -16,7 +16,7 @@ threads (from /metrics).
 
 Baseline: the model alone (no HTTP, bench.model_alone) on batches of 1, 8, 32, in the precision
 the service serves: one process on all cores and, for N workers, also N processes at once with
-the service's threads each. On shared CPUs the model's speed drifts by up to 2x within a minute,
+the service's threads each. On shared CPUs the model's speed drifts by 2x and more within seconds,
 so each load level runs in rounds: a few seconds of load, then (the server idle) the model alone,
 timed by resident processes loaded once. Each round compares its load window with the timings
 taken right after it: requests/s against the best images/s of any batch size and process
