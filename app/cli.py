@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 import tempfile
 
@@ -47,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # uvicorn re-raises the SIGTERM/SIGINT that stopped it once it has drained, which would end
-    # the process with -15 (or a KeyboardInterrupt traceback); a graceful shutdown exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    workers.exit_cleanly_after_drain()
     common = {
         "host": settings.host,
         "port": settings.port,

@@ -3,8 +3,8 @@
 uvicorn's own `--workers` shares one listening socket between the processes, and whichever
 process wakes first accepts every connection waiting: the 32 keep-alive clients of
 bench/serve_load.py, connecting together, landed 31/1, 23/9 and 21/11 on two processes, so one
-model copy did most of the work (16/16, 17/15, 17/15 with a socket per process). With a socket per process the kernel spreads new connections
-over the processes by their address hash. The supervisor (this process) forwards SIGTERM and
+model copy did most of the work. With a socket per process the kernel spreads new connections
+over the processes by their address hash (16/16, 17/15 and 17/15 for the same clients). The supervisor (this process) forwards SIGTERM and
 SIGINT to the workers, waits for them to drain, and replaces a worker that dies while serving.
 """
 
@@ -47,13 +47,18 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def exit_cleanly_after_drain() -> None:
+    """uvicorn re-raises the SIGTERM/SIGINT that stopped it once it has drained; with the
+    default handlers that ends the process by the signal (-15), or with a KeyboardInterrupt
+    traceback. Ignoring the re-raised signal lets a graceful shutdown exit 0."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
 def _serve(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
     """One worker process: its own socket, then uvicorn on the app built from APP_*."""
     sock = reuseport_socket(host, port)
-    # uvicorn re-raises the signal that stopped it once it has drained; with the default
-    # handlers that ends the worker by SIGTERM, or with a KeyboardInterrupt traceback.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+    exit_cleanly_after_drain()
     config = uvicorn.Config("app.main:app_from_env", factory=True, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])
 
