@@ -60,6 +60,8 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
         assert len(row["rounds"]) == 2 and all(r["model_alone_best"] > 0 for r in row["rounds"])
         median, low, high = row["ratio"]
         assert 0 < low <= median <= high
+        assert row["ratio_vs_fastest"][0] <= median  # the fastest cell is at least the best's
+        assert row["model_alone_cell"]["procs"] == 1 and row["model_alone_cell"]["batch"] in (1, 4)
         # Shares of the 1 s window; a batch running at its edge counts whole, hence the slack.
         assert 0 < row["model_busy"] <= 1.25 and 0 < row["event_loop_busy"] <= 1.25
         assert 0 < row["decode_ms"] < row["p50_ms"]
@@ -83,9 +85,16 @@ def test_each_round_is_compared_with_the_model_timed_right_after_it() -> None:
             8: {"ms": 8000 / b8_images_per_s, "images_per_s": b8_images_per_s},
         }}  # fmt: skip
 
-    round_ = serve_load.compare(window(50, 0.030), [alone(1, 40, 100), alone(2, 30, 125)])
-    assert round_["model_alone_best"] == 125  # the best batch size and process layout
-    assert round_["ratio"] == pytest.approx(0.4)
+    rounds = [
+        [alone(1, 40, 100), alone(2, 30, 125)],  # a lucky second for the two processes' batch 8
+        [alone(1, 40, 110), alone(2, 30, 90)],
+        [alone(1, 40, 105), alone(2, 30, 95)],
+    ]
+    # The best cell has the best median over the rounds, not the best single timing.
+    assert serve_load.best_cell(rounds) == (0, 8)
+    round_ = serve_load.compare(window(50, 0.030), rounds[0], (0, 8))
+    assert round_["model_alone_best"] == 100 and round_["ratio"] == pytest.approx(0.5)
+    assert round_["model_alone_fastest"] == 125 and round_["ratio_vs_fastest"] == pytest.approx(0.4)
     assert round_["p50_minus_batch1_ms"] == pytest.approx(30 - 25)  # one process's batch 1
     merged = serve_load.merge([window(50, 0.030), window(100, 0.010)])
     assert merged.seconds == 4.0 and merged.ok == 300 and merged.server_cpu_s == 2.0
