@@ -41,24 +41,39 @@ class StridedConv2d(nn.Conv2d):
 
     space_to_depth: bool = False
 
+    def _foldable(self) -> bool:
+        """The form covers square kernels and strides, zero padding given in pixels, no
+        dilation or groups; any other convolution runs as it is."""
+        return (
+            self.kernel_size[0] == self.kernel_size[1]
+            and self.stride[0] == self.stride[1]
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.space_to_depth:
+        if not (self.space_to_depth and self._foldable()):
             return super().forward(x)
         s, k = self.stride[0], self.kernel_size[0]
         blocks = -(-k // s)  # kernel size in s x s blocks: ceil(11 / 4) = 3
-        out = (x.shape[-1] - k) // s + 1  # 55
-        size = (out - 1 + blocks) * s  # 228: the last window reads one zero-weighted pixel more
-        x = F.pad(x, (0, size - x.shape[-1], 0, size - x.shape[-2]))
-        b, c, n = x.shape[0], x.shape[1], size // s
-        # [b, c, n*s, n*s] -> [b, c*s*s, n, n], laid out channels-last (one copy)
-        x = x.reshape(b, c, n, s, n, s).permute(0, 2, 4, 1, 3, 5).reshape(b, n, n, c * s * s)
+        (ph, pw), (h, w) = self.padding, x.shape[-2:]
+        # Output size, then the input that many windows cover in whole blocks: 55 and 228 for
+        # conv1 (its last window reads one zero-weighted pixel more); extra input is cropped.
+        out_h, out_w = (h + 2 * ph - k) // s + 1, (w + 2 * pw - k) // s + 1
+        size_h, size_w = (out_h - 1 + blocks) * s, (out_w - 1 + blocks) * s
+        x = F.pad(x, (pw, size_w - w - pw, ph, size_h - h - ph))
+        b, c, nh, nw = x.shape[0], x.shape[1], size_h // s, size_w // s
+        # [b, c, nh*s, nw*s] -> [b, c*s*s, nh, nw], laid out channels-last (one copy)
+        x = x.reshape(b, c, nh, s, nw, s).permute(0, 2, 4, 1, 3, 5).reshape(b, nh, nw, c * s * s)
         x = x.permute(0, 3, 1, 2)
         pad = blocks * s - k
-        w = F.pad(self.weight, (0, pad, 0, pad))
-        o = w.shape[0]
-        w = w.reshape(o, c, blocks, s, blocks, s).permute(0, 1, 3, 5, 2, 4)
-        w = w.reshape(o, c * s * s, blocks, blocks).contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x, w, self.bias)
+        weight = F.pad(self.weight, (0, pad, 0, pad))
+        o = weight.shape[0]
+        weight = weight.reshape(o, c, blocks, s, blocks, s).permute(0, 1, 3, 5, 2, 4)
+        weight = weight.reshape(o, c * s * s, blocks, blocks)
+        return F.conv2d(x, weight.contiguous(memory_format=torch.channels_last), self.bias)
 
 
 def use_space_to_depth(model: nn.Module, enabled: bool) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.model import AlexNet, AlexNetConfig, count_parameters
+from training.model import (
+    AlexNet,
+    AlexNetConfig,
+    StridedConv2d,
+    count_parameters,
+    use_space_to_depth,
+)
 
 NOTEBOOK_PARAMETERS = 58_325_066
 
@@ -57,3 +63,61 @@ def test_config_round_trip_and_class_count() -> None:
     assert small.fc3.out_features == 3
     assert small.fc1[0].p == 0.25
     assert count_parameters(small) == NOTEBOOK_PARAMETERS - 7 * 4097
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    [
+        (11, 4, 0, (227, 227)),  # conv1: the input is padded to 228, a whole number of blocks
+        (11, 4, 0, (66, 66)),  # more input than the last window reads: cropped to 64
+        (5, 2, 1, (17, 23)),  # padding, and a rectangle
+        (4, 4, 0, (16, 12)),  # a kernel of exactly one block
+    ],
+)
+def test_space_to_depth_is_the_same_convolution(
+    kernel: int, stride: int, padding: int, size: tuple[int, int]
+) -> None:
+    """conv1 runs in its space-to-depth form on CUDA (training and serving); on the CPU, in
+    float64, it must give the plain convolution's output and gradients."""
+    torch.manual_seed(0)
+    conv = StridedConv2d(3, 8, kernel_size=kernel, stride=stride, padding=padding).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    results = []
+    for folded in (False, True):
+        conv.space_to_depth = folded
+        conv.zero_grad()
+        x.grad = None
+        out = conv(x)
+        (
+            out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        ).sum().backward()
+        assert conv.weight.grad is not None and conv.bias.grad is not None and x.grad is not None
+        results.append(
+            (out.detach(), conv.weight.grad.clone(), conv.bias.grad.clone(), x.grad.clone())
+        )
+    for plain, folded in zip(*results, strict=True):
+        torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-10)
+
+
+def test_space_to_depth_falls_back_where_it_does_not_apply() -> None:
+    torch.manual_seed(0)
+    conv = StridedConv2d(4, 4, kernel_size=3, stride=2, dilation=2, groups=2).double()
+    x = torch.randn(1, 4, 15, 15, dtype=torch.float64)
+    plain = conv(x)
+    conv.space_to_depth = True
+    torch.testing.assert_close(conv(x), plain, rtol=0, atol=0)
+
+
+def test_space_to_depth_leaves_the_network_and_its_weights_as_they_were() -> None:
+    torch.manual_seed(0)
+    net = AlexNet().double().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 227, 227, dtype=torch.float64)
+    with torch.inference_mode():
+        plain = net(x)
+        use_space_to_depth(net, True)
+        assert net.layer1[0].space_to_depth
+        folded = net(x)
+    torch.testing.assert_close(folded, plain, rtol=1e-9, atol=1e-9)
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
