@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,22 @@ def export_artifact(
     Written into a temporary folder beside `out_dir`, then swapped in, so a failed export never
     leaves a half-written artifact behind.
     """
+    with staged_artifact(ckpt, out_dir, extra=extra, max_shard_bytes=max_shard_bytes) as staged:
+        files, total = staged.files, staged.total_bytes
+    return ExportResult(Path(out_dir), files, total)
+
+
+@contextmanager
+def staged_artifact(
+    ckpt: dict[str, Any],
+    out_dir: Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Iterator[ExportResult]:
+    """Write the artifact into a temporary folder beside `out_dir` and yield it (its `out_dir`
+    is that folder) for checks. It replaces the artifact in `out_dir` when the block ends
+    normally; if the block raises, `out_dir` is left as it was."""
     state = ckpt["model"]["state_dict"]
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
@@ -183,6 +201,8 @@ def export_artifact(
             **(extra or {}),
         }
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+        total = sum(f["bytes"] for f in files.values()) + (staging / INDEX_NAME).stat().st_size
+        yield ExportResult(staging, files, total)
         # Keep a model card or other files a user put in the folder; replace only our files.
         if out_dir.exists():
             for old in out_dir.glob("model-*-of-*.safetensors"):
@@ -192,8 +212,6 @@ def export_artifact(
             os.replace(staging / file_name, out_dir / file_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    total = sum(f["bytes"] for f in files.values()) + (out_dir / INDEX_NAME).stat().st_size
-    return ExportResult(out_dir, files, total)
 
 
 def read_index(folder: Path) -> dict[str, Any]:

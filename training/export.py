@@ -17,9 +17,10 @@ from pathlib import Path
 from training.artifact import (
     INDEX_NAME,
     MAX_SHARD_BYTES,
+    ExportResult,
     InferenceModel,
-    export_artifact,
     load_for_inference,
+    staged_artifact,
 )
 from training.checkpoint import build_model, load_checkpoint, preprocessing_of
 from training.data import load_test_split
@@ -47,47 +48,57 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         ckpt = load_checkpoint(args.checkpoint)
-        result = export_artifact(ckpt, args.out)
-        largest = max(f["bytes"] for f in result.files.values())
-        print(f"wrote {len(result.files)} shards + {INDEX_NAME} to {result.out_dir}: "
-              f"{result.total_bytes:,} bytes, largest file {largest:,} bytes "
-              f"(limits: {TOTAL_LIMIT_BYTES:,} in all, {MAX_SHARD_BYTES:,} per file)")  # fmt: skip
-        if result.total_bytes > TOTAL_LIMIT_BYTES:
-            raise UserError(
-                f"the artifact is {result.total_bytes:,} bytes, over {TOTAL_LIMIT_BYTES:,}"
-            )
-        if args.data_dir is None and args.download_root is None:
-            return 0
-        device = resolve_device(args.device)
-        split, classes, _ = load_test_split(args.data_dir, args.download_root or Path("data"))
-        full = InferenceModel(build_model(ckpt), list(ckpt["classes"]), preprocessing_of(ckpt))
-        full_report, full_pred = evaluate_model(full, split, classes, device=device)
-        quant_report, quant_pred = evaluate_model(
-            load_for_inference(result.out_dir), split, classes, device=device
-        )
-        drop = full_report["accuracy"] - quant_report["accuracy"]
-        index_path = result.out_dir / INDEX_NAME
-        index = json.loads(index_path.read_text())
-        index["export"] = {
-            "test": {k: quant_report[k] for k in ("accuracy", "images", "per_class", "confusion")},
-            "full_precision_test_accuracy": full_report["accuracy"],
-            "accuracy_drop_points": drop,
-            "top1_disagreements": int((full_pred != quant_pred).sum()),
-            "evaluated_with": f"fp32 on {device}",
-            "data": args.data_dir.as_posix() if args.data_dir else "torchvision CIFAR-10",
-        }
-        write_text_atomic(index_path, json.dumps(index, indent=1) + "\n")
-        print(f"test accuracy: checkpoint {full_report['accuracy']:.2f}%, "
-              f"artifact {quant_report['accuracy']:.2f}% ({drop:+.2f} points drop), "
-              f"{index['export']['top1_disagreements']} of {len(split)} top-1 predictions differ")  # fmt: skip
-        if drop > args.max_drop:
-            raise UserError(
-                f"the artifact loses {drop:.2f} points of test accuracy (> --max-drop {args.max_drop})"
-            )
+        # Checked before it replaces --out: a rejected export leaves the served model as it was.
+        with staged_artifact(ckpt, args.out) as staged:
+            _check(staged, ckpt, args)
+        print(f"installed in {args.out}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check(staged: ExportResult, ckpt: dict, args: argparse.Namespace) -> None:
+    """Size limits and, with test data, the accuracy drop against the checkpoint (recorded in
+    the staged model.json); UserError when the artifact fails them."""
+    largest = max(f["bytes"] for f in staged.files.values())
+    print(f"wrote {len(staged.files)} shards + {INDEX_NAME}: "
+          f"{staged.total_bytes:,} bytes, largest file {largest:,} bytes "
+          f"(limits: {TOTAL_LIMIT_BYTES:,} in all, {MAX_SHARD_BYTES:,} per file)")  # fmt: skip
+    if staged.total_bytes > TOTAL_LIMIT_BYTES:
+        raise UserError(
+            f"the artifact is {staged.total_bytes:,} bytes, over {TOTAL_LIMIT_BYTES:,}; "
+            f"{args.out} left as it was"
+        )
+    if args.data_dir is None and args.download_root is None:
+        return
+    device = resolve_device(args.device)
+    split, classes, _ = load_test_split(args.data_dir, args.download_root or Path("data"))
+    full = InferenceModel(build_model(ckpt), list(ckpt["classes"]), preprocessing_of(ckpt))
+    full_report, full_pred = evaluate_model(full, split, classes, device=device)
+    quant_report, quant_pred = evaluate_model(
+        load_for_inference(staged.out_dir), split, classes, device=device
+    )
+    drop = full_report["accuracy"] - quant_report["accuracy"]
+    index_path = staged.out_dir / INDEX_NAME
+    index = json.loads(index_path.read_text())
+    index["export"] = {
+        "test": {k: quant_report[k] for k in ("accuracy", "images", "per_class", "confusion")},
+        "full_precision_test_accuracy": full_report["accuracy"],
+        "accuracy_drop_points": drop,
+        "top1_disagreements": int((full_pred != quant_pred).sum()),
+        "evaluated_with": f"fp32 on {device}",
+        "data": args.data_dir.as_posix() if args.data_dir else "torchvision CIFAR-10",
+    }
+    write_text_atomic(index_path, json.dumps(index, indent=1) + "\n")
+    print(f"test accuracy: checkpoint {full_report['accuracy']:.2f}%, "
+          f"artifact {quant_report['accuracy']:.2f}% ({drop:+.2f} points drop), "
+          f"{index['export']['top1_disagreements']} of {len(split)} top-1 predictions differ")  # fmt: skip
+    if drop > args.max_drop:
+        raise UserError(
+            f"the artifact loses {drop:.2f} points of test accuracy (> --max-drop "
+            f"{args.max_drop}); {args.out} left as it was"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from training.artifact import (
     quantize_per_channel,
     quantized_state_dict,
     read_index,
+    staged_artifact,
 )
 from training.checkpoint import build_model
 from training.data import list_image_folder, resolve_image_root
@@ -82,6 +83,20 @@ def test_a_new_export_replaces_the_shards_and_keeps_the_model_card(
     assert load_for_inference(out).classes == ckpt["classes"]
 
 
+def test_a_staged_artifact_that_fails_its_checks_leaves_the_folder_as_it_was(
+    ckpt: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "w"
+    export_artifact(ckpt, out, max_shard_bytes=8 * 1024 * 1024)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RuntimeError, match="rejected"), staged_artifact(ckpt, out) as staged:
+        assert staged.out_dir.parent == out.parent and staged.out_dir != out
+        assert load_for_inference(staged.out_dir).classes == ckpt["classes"]  # checkable
+        raise RuntimeError("rejected")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no staging folder left
+
+
 @pytest.mark.slow
 def test_export_and_evaluate_command_lines(
     seed_run: RunResult, image_tree: Path, tmp_path: Path
@@ -102,6 +117,17 @@ def test_export_and_evaluate_command_lines(
     export = json.loads((out / INDEX_NAME).read_text())["export"]
     assert export["test"]["images"] == 6
     assert abs(export["accuracy_drop_points"]) <= 100 / 6 + 1e-9  # at most one of 6 images
+
+    # An export that fails its accuracy check is refused, and the folder keeps what it served.
+    served = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_cli(
+        "-m", "training.export", seed_run.best, "--out", out, "--data-dir", image_tree,
+        "--device", "cpu", "--max-drop", "-101",
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the progress log of the evaluation
+    assert error.startswith("error: the artifact loses") and "left as it was" in error, error
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == served
 
     predictions = tmp_path / "predictions.json"
     result = run_cli(
