@@ -15,7 +15,14 @@ from PIL import Image, UnidentifiedImageError
 
 from training.preprocess import reduce_image
 
-ALLOWED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}
+# PIL format -> the name a client knows. Pillow opens a JPEG that carries a multi-picture
+# segment (many phone and camera photos) as MPO: it is a JPEG, decoded as its first picture.
+ALLOWED_FORMATS = {
+    "JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF",
+}  # fmt: skip
+# Image.open itself refuses images over twice Pillow's MAX_IMAGE_PIXELS (89,478,485 by default),
+# whatever our own limit is; Settings caps max_image_pixels at this.
+PIL_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 class ImageError(ValueError):
@@ -35,7 +42,9 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int = 32) -> torch.Tens
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise ImageError(
-            413, "too_many_pixels", f"the image has over {max_pixels:,} pixels"
+            413,
+            "too_many_pixels",
+            f"the image has over {PIL_PIXEL_LIMIT:,} pixels, more than this service decodes",
         ) from None
     except UnidentifiedImageError:
         raise ImageError(

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.decoding import PIL_PIXEL_LIMIT
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -47,7 +49,10 @@ class Settings(BaseSettings):
         10 * 1024 * 1024, "largest request body in bytes; larger: 413, refused unread", ge=1024
     )
     max_image_pixels: int = setting(
-        25_000_000, "largest image (width x height) decoded; larger: 413", ge=1
+        25_000_000,
+        "largest image (width x height) decoded; larger: 413",
+        ge=1,
+        le=PIL_PIXEL_LIMIT,  # Pillow refuses larger images whatever this says
     )
     max_batch_files: int = setting(32, "most files in one /predict/batch call", ge=1)
     api_key: SecretStr | None = setting(

@@ -109,6 +109,19 @@ def test_accepted_formats(fmt: str) -> None:
     assert decode(images.encode(Image.fromarray(images.noise(2)), fmt)).shape == (3, 32, 32)
 
 
+def test_a_multi_picture_jpeg_is_a_jpeg() -> None:
+    """Phone and camera JPEGs often carry a multi-picture segment; Pillow opens them as MPO."""
+    first, second = Image.fromarray(images.noise(7)), solid((0, 0, 255), size=(32, 32))
+    data = images.encode(first, "MPO", save_all=True, append_images=[second], quality=95)
+    assert data[:3] == b"\xff\xd8\xff"  # a JPEG file
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "MPO" and image.n_frames == 2
+    out = decode(data)
+    as_jpeg = decode(images.encode(first, "JPEG", quality=95))
+    assert out.shape == (3, 32, 32)
+    assert (out.int() - as_jpeg.int()).abs().float().mean() < 3  # the first picture, not blue
+
+
 @pytest.mark.parametrize("fmt", ["TIFF", "ICO", "PPM", "TGA"])
 def test_other_formats_are_refused(fmt: str) -> None:
     error = refused(images.encode(Image.fromarray(images.noise(3)), fmt))
@@ -153,3 +166,4 @@ def test_a_decompression_bomb_is_refused_not_expanded() -> None:
     """Over PIL's own bomb limit, Image.open itself refuses; that is a 413 too."""
     error = refused(png_header(50_000, 50_000), max_pixels=10**12)
     assert (error.status, error.code) == (413, "too_many_pixels")
+    assert "over 178,956,970 pixels" in error.detail  # Pillow's limit: what really refused it

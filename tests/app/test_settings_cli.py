@@ -74,6 +74,7 @@ def test_device_spellings(device: str) -> None:
         {"request_timeout_s": 0},
         {"max_upload_bytes": 10},
         {"max_batch_delay_ms": -1},
+        {"max_image_pixels": 200_000_000},  # Pillow refuses images over 178,956,970 pixels
     ],
 )
 def test_invalid_values_are_refused(values: dict) -> None:
@@ -133,7 +134,12 @@ def test_an_invalid_flag_is_one_line(args: list[str], fragments: list[str]) -> N
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("APP_PORT", "abc"), ("APP_MAX_BATCH_SIZE", "0"), ("APP_DEVICE", "tpu")],
+    [
+        ("APP_PORT", "abc"),
+        ("APP_MAX_BATCH_SIZE", "0"),
+        ("APP_DEVICE", "tpu"),
+        ("APP_MAX_IMAGE_PIXELS", "200000000"),
+    ],
 )
 def test_an_invalid_environment_variable_is_one_line(name: str, value: str) -> None:
     result = run_cli("-m", "app", timeout=60, env=cli_env(**{name: value}))
