@@ -20,7 +20,8 @@ from training.engine import Precision, accuracy_report, predict
 from training.errors import UserError
 from training.model import AlexNet, AlexNetConfig
 from training.preprocess import InputTransform, Preprocessing
-from training.trainer import RunResult, TrainHooks, train
+from training.runtime import Distributed
+from training.trainer import RunResult, TrainHooks, _precision, _use_graphs, train
 
 pytestmark = pytest.mark.slow
 
@@ -244,4 +245,54 @@ def test_onecycle_warmup_of_one_step_is_a_clear_error(image_tree: Path, run_dir:
     # 4 steps x warmup 0.25 = 1 step: torch's OneCycleLR would divide by zero.
     with pytest.raises(UserError, match=r"warm-up of more than 1 step, but --warmup 0.25 of 4"):
         train(tiny_config("fast", image_tree, run_dir))
+    assert not (run_dir / "last.pt").exists()
+
+
+# ---- the GPU defaults, where a CPU can check them ---------------------------------------------
+
+
+def test_cuda_defaults_bf16_channels_last_and_graphs_on_one_gpu(image_tree: Path) -> None:
+    cuda, cpu, alone, ddp = (
+        torch.device("cuda"),
+        torch.device("cpu"),
+        Distributed(),
+        Distributed(0, 2, 0),
+    )
+    cfg = tiny_config("fast", image_tree, Path("unused"))
+    assert _precision(cfg, cuda) == Precision(torch.bfloat16, channels_last=True)
+    assert _precision(cfg, cpu) == FP32
+    forced = tiny_config("fast", image_tree, Path("unused"), precision="bf16", channels_last=False)
+    assert _precision(forced, cpu) == Precision(torch.bfloat16, channels_last=False)
+    assert _use_graphs(cfg, cuda, alone) and not _use_graphs(cfg, cuda, ddp)
+    assert not _use_graphs(cfg, cpu, alone)
+    graphs = tiny_config("fast", image_tree, Path("unused"), cuda_graphs=True)
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        _use_graphs(graphs, cpu, alone)
+    with pytest.raises(UserError, match="single-GPU only"):
+        _use_graphs(graphs, cuda, ddp)
+
+
+def test_a_bf16_channels_last_run_trains_and_saves_fp32_weights(
+    image_tree: Path, run_dir: Path
+) -> None:
+    """bf16 autocast and channels_last are what every GPU run uses; on a CPU they run too."""
+    cfg = tiny_config(
+        "fast", image_tree, run_dir, precision="bf16", channels_last=True, warmup=FAST_WARMUP
+    )
+    result = train(cfg)
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in result.metrics)
+    last = load_checkpoint(result.last)
+    assert (last["config"]["precision"], last["config"]["channels_last"]) == ("bf16", True)
+    state = last["model"]["state_dict"]
+    floats = [v for k, v in state.items() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)  # autocast keeps fp32 weights
+    assert all(torch.isfinite(v).all() for v in floats)
+    assert 0 <= result.test["accuracy"] <= 100
+
+
+def test_a_batch_larger_than_the_training_split_is_a_clear_error(
+    image_tree: Path, run_dir: Path
+) -> None:
+    with pytest.raises(UserError, match="larger than the 18 training images"):
+        train(tiny_config("seed", image_tree, run_dir, batch_size=64))
     assert not (run_dir / "last.pt").exists()
