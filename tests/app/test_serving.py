@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 import app.state
 from app.main import create_app
+from app.predictor import Predictor
 from app.settings import Settings
 from tests.app import images
 from tests.app.conftest import BASE_SETTINGS, ServedModel, ServeFactory, wait_ready
@@ -233,6 +234,52 @@ def test_a_model_that_fails_to_load_is_reported_without_internals(
         assert_error(response, 503, "not_ready")
         assert str(tmp_path) not in response.text
     assert client.get("/metrics").status_code == 200
+
+
+def test_a_warm_up_failure_is_reported_by_type_only(
+    serve: ServeFactory, shared_predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA error at /srv/models/secret/weights (device 0)")
+
+    monkeypatch.setattr(shared_predictor, "warm_up", fail)
+    client = serve(wait=False)
+    wait_ready(client, status="failed")
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.json()["detail"] == (
+        "model failed to load: RuntimeError; the server log has the details"
+    )
+    assert "secret" not in health.text
+    assert_error(post_image(client, images.png(10)), 503, "not_ready")
+
+
+def test_a_failed_forward_pass_is_a_500_without_internals_and_the_next_one_works(
+    artifact: Path, shared_predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shared_predictor.predict
+    failures: list[int] = []  # armed once the app has warmed up (warm-up runs predict too)
+
+    def fail_once(images: torch.Tensor) -> torch.Tensor:
+        if failures == [0]:
+            failures[0] = len(images)
+            raise RuntimeError("out of memory at /srv/models/secret/weights")
+        return real(images)
+
+    monkeypatch.setattr(shared_predictor, "predict", fail_once)
+    settings = Settings(**{**BASE_SETTINGS, "checkpoint": artifact})
+    # As uvicorn does: the error handler answers, the exception goes to the log, not the client.
+    with TestClient(
+        create_app(settings, shared_predictor), raise_server_exceptions=False
+    ) as client:
+        wait_ready(client)
+        failures.append(0)
+        failed = post_image(client, images.png(10))
+        assert_error(failed, 500, "internal_error")
+        assert "secret" not in failed.text and "memory" not in failed.text
+        assert failures == [1]  # the one request's batch failed
+        assert post_image(client, images.png(10)).status_code == 200
+        assert client.get("/health").status_code == 200
 
 
 # ---- checkpoint formats and precision ---------------------------------------------------------
