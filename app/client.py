@@ -54,14 +54,24 @@ class Client:
     """Synchronous calls; `predict_many` and `evaluate` run requests concurrently."""
 
     def __init__(
-        self, url: str = DEFAULT_URL, api_key: str | None = None, timeout_s: float = 30.0
+        self,
+        url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        transport: httpx.MockTransport | None = None,  # tests: answers without a server
     ) -> None:
         self.url = url.rstrip("/")
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.timeout_s = timeout_s
+        self.transport = transport
 
     def _client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout_s)
+        return httpx.Client(
+            base_url=self.url,
+            headers=self.headers,
+            timeout=self.timeout_s,
+            transport=self.transport,
+        )
 
     def health(self) -> dict[str, Any]:
         with self._client() as c:
@@ -92,8 +102,9 @@ class Client:
         limit = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(
-            base_url=self.url, headers=self.headers, timeout=self.timeout_s, limits=limits
-        ) as c:
+            base_url=self.url, headers=self.headers, timeout=self.timeout_s, limits=limits,
+            transport=self.transport,
+        ) as c:  # fmt: skip
 
             async def one(path: Path) -> dict[str, Any] | APIError:
                 async with limit:

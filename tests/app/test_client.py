@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from tests.app.support import CLASSES, Server, free_port
 from tests.helpers import assert_one_line_error, run_cli
 from training.artifact import load_for_inference
 from training.data import load_test_split
+from training.errors import UserError
 from training.evaluate import evaluate_model
 
 pytestmark = pytest.mark.slow
@@ -81,3 +83,41 @@ def test_cli_without_a_server_is_one_line(tmp_path: Path) -> None:
         "-m", "app.client", "predict", image, "--url", f"http://127.0.0.1:{free_port()}"
     )
     assert_one_line_error(result, "cannot reach")
+
+
+def test_the_api_key_is_sent_and_busy_answers_are_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """predict_many sends X-API-Key and, on 503, waits Retry-After and tries again."""
+    seen: list[tuple[str, str | None]] = []
+    answers = iter([(503, {"error": "busy", "detail": "queue full"}), (200, {"class_id": 1})])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers.get("X-API-Key")))
+        status, body = next(answers)
+        return httpx.Response(status, json=body, headers={"Retry-After": "0.01"})
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg(0))
+    client = Client("http://test", api_key="k3y", transport=httpx.MockTransport(handler))
+    assert client.predict_many([image]) == [{"class_id": 1}]
+    assert seen == [("/predict", "k3y"), ("/predict", "k3y")]
+
+
+def test_classes_in_another_order_are_refused_not_miscounted(
+    artifact: Path, test_tree: Path, tmp_path: Path
+) -> None:
+    """Scores would be silently wrong if class ids meant other classes on the two sides."""
+    split, classes, _ = load_test_split(test_tree, tmp_path)
+    with pytest.raises(UserError, match="are not the model's"):
+        evaluate_model(
+            load_for_inference(artifact), split, classes[::-1], device=torch.device("cpu")
+        )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/model"  # refused before any image is sent
+        return httpx.Response(200, json={"classes": classes[::-1]})
+
+    client = Client("http://test", transport=httpx.MockTransport(handler))
+    with pytest.raises(UserError, match="are not the data's"):
+        evaluate(client, test_tree)
