@@ -148,6 +148,9 @@ def uninterrupted(
     out = tmp_path_factory.mktemp("run-a")
     train(tiny_config("fast", image_tree, out, warmup=FAST_WARMUP))
     state = _load_state(out / "last.pt")
+    best = load_checkpoint(out / "best.pt")
+    state["best_pt"] = {"epoch": best["epoch"], "weights": best["model"]["state_dict"]}
+    state["summary"] = json.loads((out / "summary.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     yield state
 
@@ -216,6 +219,19 @@ def test_resume_after_interruption_is_exact(
     assert result.out_dir == run_dir
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
+    # best.pt, what a user would export, is the uninterrupted run's too (whether its epoch was
+    # before the interruption, read back from disk, or after it).
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == uninterrupted["best_pt"]["epoch"]
+    expected = uninterrupted["best_pt"]["weights"]
+    assert all(torch.equal(best["model"]["state_dict"][k], v) for k, v in expected.items())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (
+        summary["resumed_from_epoch"] == 1 and uninterrupted["summary"]["resumed_from_epoch"] == 0
+    )
+    for key in ("test", "best", "epochs"):
+        assert summary[key] == uninterrupted["summary"][key], key
+    assert result.best_test == summary["best"]["test"]
 
     # A finished run cannot be resumed again, and best.pt is not a training state.
     with pytest.raises(UserError, match="already finished all 2 epochs"):
