@@ -225,3 +225,28 @@ def test_weights_that_do_not_fit(model_checkpoint: Path) -> None:
         build_model(ckpt)
     with pytest.raises(CheckpointError, match="preprocessing is unusable"):
         preprocessing_of({"preprocessing": {"source_size": 32}})
+
+
+def test_writer_waits_for_the_snapshot_copies_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the snapshot's device-to-host copies are asynchronous: the writer must wait on
+    the event recorded after them (`ready`) before it reads the tensors."""
+    events: list[str] = []
+
+    class Ready:  # a CUDA event's one method the writer uses
+        def synchronize(self) -> None:
+            events.append("copies done")
+
+    real_save = torch.save
+
+    def save(obj: object, f: IO[bytes], *args: Any, **kwargs: Any) -> None:
+        events.append("write")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    writer = CheckpointWriter()
+    writer.submit(_small(1), tmp_path / "last.pt", Ready())
+    writer.close()
+    assert events == ["copies done", "write"]
+    _assert_same(torch.load(tmp_path / "last.pt", weights_only=True), _small(1))
