@@ -192,3 +192,24 @@ def test_a_port_in_use_is_a_one_line_error(artifact: Path) -> None:
         "(another server there? choose --port)"
     ], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_workers_that_fail_at_start_stop_the_server_instead_of_restarting_forever(
+    artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies within MIN_UPTIME_S of starting is not replaced: the supervisor stops
+    and reports failure (exit 1), rather than respawning a broken worker in a loop."""
+    # The workers build their app from APP_* variables; an invalid one fails each at start.
+    monkeypatch.setenv("APP_CHECKPOINT", str(artifact))
+    monkeypatch.setenv("APP_MAX_BATCH_SIZE", "0")
+
+    def restarting_forever(*_: object) -> None:
+        raise TimeoutError("the supervisor kept restarting workers that fail at start")
+
+    previous = signal.signal(signal.SIGALRM, restarting_forever)
+    signal.alarm(60)  # fail, not hang, if they are restarted in a loop
+    try:
+        assert workers.run_workers(2, "127.0.0.1", free_port(), 5.0, log_level="critical") == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
