@@ -3,6 +3,7 @@ readiness (loading, failed), both checkpoint formats, and precision choice."""
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import app.state
 from app.main import create_app
@@ -31,7 +33,10 @@ from tests.app.support import (
     sample,
     served_probs,
 )
-from training.artifact import sha256_file
+from training.artifact import load_for_inference, sha256_file
+from training.data import Split
+from training.evaluate import evaluate_model
+from training.preprocess import reduce_image
 
 TOLERANCE = 1e-5
 
@@ -315,6 +320,28 @@ def test_auto_precision_on_cpu_times_both_and_keeps_the_faster(serve: ServeFacto
     assert response.status_code == 200
     total = sum(e["probability"] for e in response.json()["top_k"])
     assert total == pytest.approx(1.0, abs=1e-3)
+
+
+def test_served_bf16_answers_are_the_offline_bf16_evaluation(
+    serve: ServeFactory, artifact: Path
+) -> None:
+    """README's "served equals trained" compares the server, in the bf16 it chose, with
+    `training.evaluate --precision bf16`: image for image, the same label."""
+    client = serve(precision="bf16")
+    assert client.get("/health").json()["precision"] == "bf16"
+    uploads = [images.jpeg(seed) for seed in range(12)]
+    loaded = load_for_inference(artifact)
+    size = loaded.preprocessing.source_size
+    split = Split(
+        torch.stack([reduce_image(Image.open(io.BytesIO(u)), size) for u in uploads]),
+        torch.zeros(len(uploads), dtype=torch.long),
+    )
+    _, offline = evaluate_model(
+        loaded, split, loaded.classes, device=torch.device("cpu"), precision="bf16"
+    )
+    assert len(set(offline.tolist())) >= 3  # not one class for everything
+    served = [post_image(client, data).json()["class_id"] for data in uploads]
+    assert served == offline.tolist()
 
 
 def test_create_app_reads_settings_from_the_environment(
