@@ -49,7 +49,9 @@ def test_model_reports_the_recorded_accuracy(client: TestClient) -> None:
     index = json.loads((WEIGHTS / "model.json").read_text())
     info = client.get("/model").json()
     assert info["checkpoint_format"] == "artifact"
+    # The artifact's own accuracy, measured after quantization, next to the checkpoint's.
     assert info["accuracy"]["test"] == round(index["export"]["test"]["accuracy"], 2)
+    assert info["accuracy"]["checkpoint_test"] == round(index["test"]["accuracy"], 2)
     assert info["accuracy"]["test"] > 85.0
     assert info["recipe"] == index["recipe"] == "fast"
     assert info["sha256"] == hashlib.sha256((WEIGHTS / "model.json").read_bytes()).hexdigest()
