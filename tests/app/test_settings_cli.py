@@ -82,6 +82,15 @@ def test_invalid_values_are_refused(values: dict) -> None:
         Settings(**values)
 
 
+def test_threads_default_to_an_even_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes share the cores instead of each taking them all (README, serving)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert Settings().torch_threads() == 16
+    assert Settings(workers=4).torch_threads() == 4
+    assert Settings(workers=32).torch_threads() == 1
+    assert Settings(workers=4, threads=3).torch_threads() == 3
+
+
 def test_an_empty_api_key_means_none() -> None:
     assert Settings(api_key="").api_key is None
 

@@ -117,6 +117,10 @@ def test_export_and_evaluate_command_lines(
     export = json.loads((out / INDEX_NAME).read_text())["export"]
     assert export["test"]["images"] == 6
     assert abs(export["accuracy_drop_points"]) <= 100 / 6 + 1e-9  # at most one of 6 images
+    assert export["accuracy_drop_points"] == pytest.approx(
+        export["full_precision_test_accuracy"] - export["test"]["accuracy"]
+    )
+    assert 0 <= export["top1_disagreements"] <= 6 and export["evaluated_with"] == "fp32 on cpu"
 
     # An export that fails its accuracy check is refused, and the folder keeps what it served.
     served = {p.name: p.read_bytes() for p in out.iterdir()}
