@@ -95,6 +95,12 @@ def test_run_writes_reports(seed_run: RunResult) -> None:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert [json.loads(line) for line in lines] == last["metrics"]
+    # The times of an epoch add up: training, then validation, within the epoch, within the run.
+    for m in last["metrics"]:
+        assert m["train_s"] > 0 and m["val_s"] > 0 and m["train_s"] + m["val_s"] <= m["epoch_s"]
+        assert m["images_per_s"] == pytest.approx(2 * 8 / m["train_s"])  # 2 steps of 8
+    elapsed = [m["elapsed_s"] for m in last["metrics"]]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= seed_run.train_seconds
     for name in ("curves.png", "confusion.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 100 and image.height > 100
