@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             if not workers.supported():
                 uvicorn.run(
-                    "app.main:app_from_env", factory=True, workers=settings.workers, **common
+                    "app.main:worker_app_from_env", factory=True, workers=settings.workers, **common
                 )
                 return 0
             try:

@@ -118,9 +118,20 @@ class RequestMetrics:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
-def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    predictor: Predictor | None = None,
+    *,
+    ready_before_serving: bool = False,
+) -> FastAPI:
     """A service for `settings` (default: from APP_* variables). Pass an already loaded
-    `predictor` to skip loading (the CLI loads first, to fail fast with a one-line error)."""
+    `predictor` to skip loading (the CLI loads first, to fail fast with a one-line error).
+
+    By default the server listens at once and /health says 503 until the model is warm. With
+    `ready_before_serving` (each of several worker processes), startup waits for the model, and
+    fails if it does not load: uvicorn starts listening only after startup, so a worker joins
+    the shared port once it can answer, and the others take every connection until then.
+    """
     settings = settings or Settings()
     state = ServingState(settings, predictor)
 
@@ -128,6 +139,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=state.load_and_warm_up, name="model-loader", daemon=True)
         loader.start()
+        if ready_before_serving:
+            await asyncio.to_thread(state.ready.wait)
+            if state.status != "ok":
+                raise RuntimeError(state.detail)
         yield
         # SIGTERM: uvicorn has stopped accepting and finished in-flight requests; let the
         # inference thread answer anything still queued, then end it.
@@ -173,8 +188,14 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
 
 def app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory` and for worker processes: settings from APP_* only."""
+    """Factory for `uvicorn --factory`: settings from APP_* only."""
     return create_app(Settings())
+
+
+def worker_app_from_env() -> FastAPI:
+    """Factory for one of several worker processes: settings from APP_*; it starts listening
+    once its model is warm (see `create_app`)."""
+    return create_app(Settings(), ready_before_serving=True)
 
 
 def state_of(app: Any) -> ServingState:

@@ -56,10 +56,11 @@ def exit_cleanly_after_drain() -> None:
 
 
 def _serve(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
-    """One worker process: its own socket, then uvicorn on the app built from APP_*."""
+    """One worker process: its own socket (bound; uvicorn listens on it once the model is
+    warm), then uvicorn on the app built from APP_*."""
     sock = reuseport_socket(host, port)
     exit_cleanly_after_drain()
-    config = uvicorn.Config("app.main:app_from_env", factory=True, **uvicorn_options)
+    config = uvicorn.Config("app.main:worker_app_from_env", factory=True, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -63,6 +63,16 @@ def _accepted_by(port: int, client_ports: set[int]) -> dict[int, str]:
     return out
 
 
+def _listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port`."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:  # TCP_LISTEN
+            listening.add(fields[9])
+    return bool(listening & _socket_inodes(pid))
+
+
 def _spread_of_connections(pid: int, port: int, count: int) -> list[int]:
     """Open `count` connections at once and keep them: how many each worker process accepted
     (each server-side socket found by its inode among the worker's open files)."""
@@ -105,7 +115,7 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         )
     try:
         deadline = time.time() + 120
-        while True:  # the first process up; the other may still be warming (503s are skipped)
+        while True:  # the first process up (a process listens once its model is warm)
             assert process.poll() is None, log.read_text()
             assert time.time() < deadline, log.read_text()
             try:
@@ -115,24 +125,21 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
                 pass
             time.sleep(0.3)
         healthy = time.time()  # both workers started before this
+        while not all(_listening(w, port) for w in _workers(process.pid)):  # both warm
+            assert time.time() < deadline, log.read_text()
+            time.sleep(0.3)
         # Each process listens on its own socket (SO_REUSEPORT): connections opened together
         # spread over both, instead of all going to whichever process woke first.
         spread = _spread_of_connections(process.pid, port, 16)
         assert len(spread) == 2 and sum(spread) == 16 and min(spread) >= 2, spread  # ~1 in 2,000
         before = parse_metrics(httpx.get(url + "/metrics").text)
-        sent, tries, deadline = 0, 0, time.time() + 90
-        while sent < 8:  # until both workers are warm, on a slow machine too
-            assert time.time() < deadline, log.read_text()
+        sent = 8
+        for seed in range(sent):  # never 503 'loading': a worker still warming is not listening
             with httpx.Client() as client:  # new connections spread over the processes
                 response = client.post(
-                    url + "/predict", files={"file": ("x.jpg", jpeg(seed=tries))}, timeout=30
+                    url + "/predict", files={"file": ("x.jpg", jpeg(seed=seed))}, timeout=30
                 )
-            tries += 1
-            if response.status_code == 503:  # the other worker still warming up
-                time.sleep(0.2)
-                continue
             assert response.status_code == 200, response.text
-            sent += 1
         after = parse_metrics(httpx.get(url + "/metrics").text)
         served = sample(
             after, "http_requests_total", endpoint="/predict", method="POST", status="200"
@@ -146,21 +153,26 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
 
         # A worker that dies while serving is replaced, and the service keeps answering.
         time.sleep(max(0.0, healthy + workers.MIN_UPTIME_S + 1 - time.time()))
-        victim = _workers(process.pid)[0]
+        victim, *survivors = _workers(process.pid)
         os.kill(victim, signal.SIGKILL)
         deadline = time.time() + 60
         while len(replaced := _workers(process.pid)) < 2 or victim in replaced:
             assert time.time() < deadline, log.read_text()
             time.sleep(0.2)
-        answered = 0
-        while answered < 4:  # the new worker may answer 503 while it warms up
+        # While the new worker loads, the other answers everything; once it listens, it answers
+        # too (before the fix, it listened while loading and said 503 'loading the model').
+        [newcomer] = set(replaced) - set(survivors)
+
+        def predict() -> int:
+            with httpx.Client() as client:  # a new connection: either process may take it
+                return client.post(url + "/predict", files={"file": ("x.jpg", jpeg())}).status_code
+
+        statuses = []
+        while not _listening(newcomer, port):
             assert time.time() < deadline, log.read_text()
-            with httpx.Client() as client:
-                status = client.post(
-                    url + "/predict", files={"file": ("x.jpg", jpeg())}
-                ).status_code
-            assert status in (200, 503)
-            answered += status == 200
+            statuses.append(predict())
+        statuses += [predict() for _ in range(8)]
+        assert set(statuses) == {200}, statuses
 
         # SIGTERM to the supervisor alone (as Docker sends it to PID 1): all drain and exit 0.
         process.send_signal(signal.SIGTERM)
