@@ -30,9 +30,9 @@ from app.schemas import (
 from app.state import APIError, ServingState
 
 ERRORS = {
-    400: {"model": ErrorBody, "description": "empty, truncated or corrupt image; too many files"},
+    400: {"model": ErrorBody, "description": "empty/truncated/corrupt image; cut-short multipart"},
     401: {"model": ErrorBody, "description": "API key required (X-API-Key) or wrong"},
-    413: {"model": ErrorBody, "description": "body over the upload limit, or too many pixels"},
+    413: {"model": ErrorBody, "description": "body over the upload limit; too many pixels, files"},
     415: {"model": ErrorBody, "description": "not an image, or an unsupported format"},
     422: {"model": ErrorBody, "description": "no file in field 'file'/'files', bad top_k"},
     503: {"model": ErrorBody, "description": "model not ready, or queue full (see Retry-After)"},
