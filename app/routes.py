@@ -165,6 +165,13 @@ async def predict_batch(
             "too_many_files",
             f"{len(files)} files sent; at most {limit} per call (APP_MAX_BATCH_FILES)",
         )
+    if len(files) > batcher.max_queue:  # would never fit: a 503 'retry' could not succeed
+        raise APIError(
+            413,
+            "too_many_files",
+            f"{len(files)} files sent; the queue holds {batcher.max_queue} images "
+            "(APP_MAX_QUEUE): send fewer per call",
+        )
     with batcher.incoming() as ticket:
         decoded = await asyncio.gather(
             *(_decode(state, f, predictor.source_size) for f in files), return_exceptions=True

@@ -110,6 +110,9 @@ def test_full_queue_answers_503_busy_with_retry_after(serve: ServeFactory) -> No
             assert_error(response, 503, "busy")
             assert int(response.headers["Retry-After"]) >= 1
     assert client.get("/health").status_code == 200
+    # A batch larger than the whole queue could never get in: not 'busy, retry' but a 413.
+    too_big = client.post("/predict/batch", files=images.uploads(images.png(1), images.png(2)))
+    assert "APP_MAX_QUEUE" in assert_error(too_big, 413, "too_many_files")["detail"]
     assert post_image(client, images.png(20)).status_code == 200
     assert queue_depth(client) == 0
 
