@@ -6,6 +6,7 @@ override any field (see `python -m training.run --help`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,19 @@ class TrainConfig:
             problems.append("--epochs must be at least 1")
         if self.batch_size < 1:
             problems.append("--batch-size must be at least 1")
-        if self.lr <= 0:
-            problems.append("--lr must be positive")
+        if not self.lr > 0 or not math.isfinite(self.lr):  # also refuses nan
+            problems.append("--lr must be a positive number")
+        if not 0 <= self.momentum < 1:
+            problems.append("--momentum must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            problems.append("--nesterov needs a --momentum above 0")
+        if not 0 <= self.weight_decay < 1 or not math.isfinite(self.weight_decay):
+            problems.append("--weight-decay must be in [0, 1)")
+        if self.crop_padding < 0:
+            problems.append("--crop-padding must be 0 or more")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                problems.append(f"--{name.replace('_', '-')} must be in [0, 2**32)")
         if not 0 < self.valid_size < 1:
             problems.append("--valid-size must be between 0 and 1")
         if not 0 <= self.label_smoothing < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -100,6 +101,22 @@ def _resume_config(ckpt: dict[str, Any], cfg: TrainConfig, explicit: set[str]) -
     return replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDABLE})
 
 
+RUN_FILES = ("best.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Create `out_dir` and write a file in it, or a one-line error naming --out-dir."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write to {out_dir}: {exc.strerror or exc}; choose another --out-dir"
+        ) from None
+
+
 def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distributed) -> Path:
     if resume is not None:
         out_dir = resume.parent
@@ -109,6 +126,12 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
             raise UserError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir / 'last.pt'} "
                 "or choose another --out-dir"
+            )
+        written = [n for n in RUN_FILES if (out_dir / n).exists()]
+        if written:
+            raise UserError(
+                f"{out_dir} already holds files of another run ({', '.join(written)}); "
+                "choose another --out-dir or remove them"
             )
     else:
         out_dir = Path("runs") / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -155,8 +178,16 @@ def _train(
                 f"{resume} holds weights only (a best.pt or an export); resume from last.pt"
             )
         cfg = _resume_config(ckpt, cfg, explicit).validate()
-        if ckpt["epoch"] >= cfg.epochs:
+        if ckpt["epoch"] >= cfg.epochs and ckpt.get("test") is not None:
             raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")
+        # (All epochs done but no test result: stopped during the final evaluation; resuming
+        # runs just that.)
+        best_epoch = int(ckpt["best"]["epoch"])
+        if best_epoch > 0 and not (resume.parent / "best.pt").exists():
+            raise UserError(
+                f"{resume.parent / 'best.pt'} is missing: the run's best-validation weights "
+                f"(epoch {best_epoch}) are kept there; put it back beside {resume.name} to resume"
+            )
     if cfg.batch_size % dist_info.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} must split evenly over {dist_info.world_size} processes"
@@ -262,7 +293,7 @@ def _train(
     out_dir = _choose_out_dir(cfg, resume, dist_info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        _check_writable(out_dir)  # now, not after the first epoch has trained
         cfg = replace(cfg, out_dir=out_dir)
     metrics: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
     best: dict[str, Any] = dict(ckpt["best"]) if ckpt else {"epoch": 0, "val_acc": -1.0}
@@ -321,6 +352,14 @@ def _train(
         ", channels_last" if precision.channels_last else "",
         ", CUDA graph" if graphs else "",
     )  # fmt: skip
+
+    def stopped() -> None:
+        """On any exception: what is queued reaches the disk, and the user learns how to go on."""
+        if writer is not None:
+            writer.close()
+            if last_path.exists():
+                log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
+
     t_start = time.perf_counter()
     try:
         if graphs:
@@ -390,53 +429,59 @@ def _train(
                 hooks.on_epoch_end(epoch + 1, m)
         train_seconds = time.perf_counter() - t_start
     except BaseException:
-        if writer is not None:
-            writer.close()  # the last completed epoch reaches the disk
-            if last_path.exists():
-                log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
+        stopped()
         raise
 
     if not dist_info.is_main or writer is None:
         return RunResult(out_dir, last_path, best_path, metrics, {}, {}, train_seconds)
 
-    # The notebook reports the final weights on the test set; we also test the best-validation ones.
-    final_state = to_cpu(model.state_dict())  # blocking: the model changes below
-    test = evaluate(model, transform, data.test, data.classes,
-                    batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
-    if best_state is None:  # resumed after the best epoch: it is on disk
-        best_state = load_checkpoint(best_path)["model"]["state_dict"]
-    model.load_state_dict(best_state)
-    best_test = evaluate(model, transform, data.test, data.classes,
-                         batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
-    final_ckpt = checkpoint(cfg.epochs, final_state, True, test)
-    writer.submit(final_ckpt, last_path, copies_done())
-    writer.submit(checkpoint(best["epoch"], best_state, False, best_test), best_path)
-    writer.close()
-    log.info(
-        "test accuracy %.2f%% (final weights), %.2f%% (best validation, epoch %d); "
-        "%d epochs in %.1fs incl. validation",
-        test["accuracy"], best_test["accuracy"], best["epoch"], cfg.epochs - start_epoch,
-        train_seconds,
-    )  # fmt: skip
-    title = f"AlexNet, recipe {cfg.recipe}"
-    report.plot_curves(out_dir / "curves.png", metrics, title)
-    report.plot_confusion(
-        out_dir / "confusion.png", test["confusion"], data.classes,
-        f"{title}: test {test['accuracy']:.2f}%",
-    )  # fmt: skip
-    summary = {
-        "recipe": cfg.recipe,
-        "config": cfg.to_dict(),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "world_size": dist_info.world_size,
-        "epochs": cfg.epochs,
-        "resumed_from_epoch": start_epoch,
-        "train_seconds": train_seconds,
-        "test": test,
-        "best": {**best, "test": best_test},
-        "data": data_info,
-        "versions": library_versions(),
-    }
-    report.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log.info("wrote %s, %s, metrics.jsonl, curves.png, confusion.png", last_path, best_path)
-    return RunResult(out_dir, last_path, best_path, metrics, test, best_test, train_seconds)
+    def _finish() -> RunResult:
+        """After the last epoch: the test set, the final checkpoints, the reports."""
+        nonlocal best_state
+        # The notebook reports the final weights on the test set; we also test the best-validation ones.
+        final_state = to_cpu(model.state_dict())  # blocking: the model changes below
+        test = evaluate(model, transform, data.test, data.classes,
+                        batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
+        if best_state is None:  # resumed after the best epoch: it is on disk
+            best_state = load_checkpoint(best_path)["model"]["state_dict"]
+        model.load_state_dict(best_state)
+        best_test = evaluate(model, transform, data.test, data.classes,
+                             batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
+        final_ckpt = checkpoint(cfg.epochs, final_state, True, test)
+        writer.submit(final_ckpt, last_path, copies_done())
+        writer.submit(checkpoint(best["epoch"], best_state, False, best_test), best_path)
+        writer.close()
+        log.info(
+            "test accuracy %.2f%% (final weights), %.2f%% (best validation, epoch %d); "
+            "%d epochs in %.1fs incl. validation",
+            test["accuracy"], best_test["accuracy"], best["epoch"], cfg.epochs - start_epoch,
+            train_seconds,
+        )  # fmt: skip
+        title = f"AlexNet, recipe {cfg.recipe}"
+        report.plot_curves(out_dir / "curves.png", metrics, title)
+        report.plot_confusion(
+            out_dir / "confusion.png", test["confusion"], data.classes,
+            f"{title}: test {test['accuracy']:.2f}%",
+        )  # fmt: skip
+        summary = {
+            "recipe": cfg.recipe,
+            "config": cfg.to_dict(),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "world_size": dist_info.world_size,
+            "epochs": cfg.epochs,
+            "resumed_from_epoch": start_epoch,
+            "train_seconds": train_seconds,
+            "test": test,
+            "best": {**best, "test": best_test},
+            "data": data_info,
+            "versions": library_versions(),
+        }
+        report.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        log.info("wrote %s, %s, metrics.jsonl, curves.png, confusion.png", last_path, best_path)
+        return RunResult(out_dir, last_path, best_path, metrics, test, best_test, train_seconds)
+
+    try:
+        return _finish()
+    except BaseException:  # Ctrl-C or an error during the test evaluation or the reports
+        stopped()
+        raise

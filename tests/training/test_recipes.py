@@ -38,12 +38,32 @@ def test_validation_lists_every_problem() -> None:
     message = str(info.value)
     for fragment in (
         "--epochs must be at least 1",
-        "--lr must be positive",
+        "--lr must be a positive number",
         "--valid-size must be between 0 and 1",
         "--schedule must be one of constant, onecycle",
         "--augment must be one of none, crop-flip",
     ):
         assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"momentum": -1.0}, "--momentum must be in [0, 1)"),
+        ({"nesterov": True, "momentum": 0.0}, "--nesterov needs a --momentum above 0"),
+        ({"weight_decay": -1.0}, "--weight-decay must be in [0, 1)"),
+        ({"crop_padding": -1}, "--crop-padding must be 0 or more"),
+        ({"seed": 10**11}, "--seed must be in [0, 2**32)"),
+        ({"split_seed": -1}, "--split-seed must be in [0, 2**32)"),
+    ],
+)
+def test_values_torch_would_crash_on_are_refused_up_front(overrides: dict, message: str) -> None:
+    """Each of these used to reach torch (SGD, random_, manual_seed) as a traceback, or, for a
+    nan learning rate, to train to a nan loss and exit 0."""
+    with pytest.raises(UserError) as info:
+        make_config("fast", **overrides)
+    assert message in str(info.value)
 
 
 def test_config_round_trip(tmp_path: Path) -> None:

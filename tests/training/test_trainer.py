@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,6 +245,74 @@ def test_resume_after_interruption_is_exact(
         train(config, resume=run_dir / "last.pt")
     with pytest.raises(CheckpointError, match=r"resume from last\.pt"):
         train(config, resume=run_dir / "best.pt")
+
+
+def test_a_stop_during_the_final_evaluation_keeps_the_checkpoints_and_resumes(
+    uninterrupted: dict[str, Any],
+    image_tree: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C after the last epoch, while the test set is evaluated: the queued checkpoints
+    still reach the disk (they used to be lost, with the process aborting), and resuming runs
+    just the final evaluation, ending as the uninterrupted run does."""
+    import training.trainer as trainer_module
+
+    real_evaluate, calls = trainer_module.evaluate, []
+
+    def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 3:  # after 2 epochs' validation: the test set
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    config = tiny_config("fast", image_tree, run_dir, warmup=FAST_WARMUP)
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.undo()
+    assert f"--resume {run_dir / 'last.pt'}" in caplog.text
+    stopped = load_checkpoint(run_dir / "last.pt")
+    assert stopped["epoch"] == 2 and stopped["test"] is None
+    assert load_checkpoint(run_dir / "best.pt")["kind"] == "training"
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+    train(config, resume=run_dir / "last.pt")
+    _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_epoch"] == 2
+
+
+def test_resume_without_the_runs_best_pt_stops_before_training(
+    image_tree: Path, run_dir: Path
+) -> None:
+    config = tiny_config("seed", image_tree, run_dir, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    moved = run_dir / "moved"
+    moved.mkdir()
+    shutil.copy(run_dir / "last.pt", moved / "last.pt")  # without best.pt
+    before = (moved / "last.pt").read_bytes()
+    with pytest.raises(UserError, match=r"best\.pt is missing.*\(epoch 1\).*put it back"):
+        train(config, resume=moved / "last.pt")
+    assert (moved / "last.pt").read_bytes() == before and sorted(os.listdir(moved)) == ["last.pt"]
+
+
+def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_training(
+    image_tree: Path, run_dir: Path
+) -> None:
+    a_file = run_dir / "a-file"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "sub"):
+        with pytest.raises(UserError, match=r"cannot write to .*choose another --out-dir"):
+            train(tiny_config("seed", image_tree, out))
+    # A folder with another run's files but no last.pt (deleted to save space) is not reused.
+    used = run_dir / "used"
+    used.mkdir()
+    (used / "best.pt").write_bytes(b"an earlier run's weights")
+    with pytest.raises(UserError, match=r"already holds files of another run \(best\.pt\)"):
+        train(tiny_config("seed", image_tree, used))
+    assert (used / "best.pt").read_bytes() == b"an earlier run's weights"
 
 
 def test_resume_refuses_changed_settings(
