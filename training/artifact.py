@@ -226,6 +226,11 @@ def read_index(folder: Path) -> dict[str, Any]:
         index, path, ARTIFACT_FORMAT, ARTIFACT_VERSION, what="artifact index",
         hint="export one with python -m training.export",
     )  # fmt: skip
+    missing = [
+        k for k in ("model", "classes", "preprocessing", "tensors", "files") if k not in index
+    ]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; re-export the model")
     return index
 
 

@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        if args.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        out = args.predictions_out
+        if out is not None and (out.is_dir() or not out.parent.is_dir()):
+            # Checked now: the evaluation may take minutes, and its report must not be lost.
+            raise UserError(f"--predictions-out {out} must be a file path in an existing folder")
         loaded = load_for_inference(args.model)
         split, classes, names = load_test_split(args.data_dir, args.download_root)
         device = resolve_device(args.device)
@@ -87,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.predictions_out:
-        args.predictions_out.write_text(
-            json.dumps(dict(zip(names, predictions.tolist(), strict=True)))
-        )
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -98,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.precision}, {device}, {report['images_per_s']:.0f} img/s)")  # fmt: skip
         for name, acc in report["per_class"].items():
             print(f"  {name:<12} {acc:6.2f}%")
+    if args.predictions_out:
+        try:
+            args.predictions_out.write_text(
+                json.dumps(dict(zip(names, predictions.tolist(), strict=True)))
+            )
+        except OSError as exc:
+            print(f"error: cannot write {args.predictions_out}: {exc.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 

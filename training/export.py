@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # --out is a file, under a file, or not writable
+        print(f"error: cannot write the artifact to {args.out}: {exc.strerror or exc}; "
+              "choose another --out", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

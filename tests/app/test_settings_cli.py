@@ -224,6 +224,9 @@ def test_artifact_problems_in_model_json_are_one_line(
     expect_cli_error(["--checkpoint", str(folder)], capsys, "not valid JSON")
     index.write_text(json.dumps({**json.loads(text), "format_version": 99}))
     expect_cli_error(["--checkpoint", str(folder)], capsys, "version 99")
+    incomplete = {k: v for k, v in json.loads(text).items() if k != "tensors"}
+    index.write_text(json.dumps(incomplete))
+    expect_cli_error(["--checkpoint", str(folder)], capsys, "lacks tensors")
     index.unlink()
     expect_cli_error(["--checkpoint", str(folder)], capsys, "no model.json")
 

@@ -153,3 +153,27 @@ def test_export_and_evaluate_command_lines(
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     result = run_cli("-m", "training.export", tmp_path / "nope.pt", "--out", tmp_path / "w")
     assert_one_line_error(result, "does not exist")
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_refuse_unusable_paths_in_one_line(
+    seed_run: RunResult, image_tree: Path, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "sub"):
+        result = run_cli("-m", "training.export", seed_run.last, "--out", out)
+        assert_one_line_error(result, "cannot write the artifact to", "choose another --out")
+    evaluate = (
+        "-m",
+        "training.evaluate",
+        seed_run.last,
+        "--data-dir",
+        image_tree,
+        "--device",
+        "cpu",
+    )
+    assert_one_line_error(run_cli(*evaluate, "--batch-size", "0"), "--batch-size")
+    for out in (tmp_path, tmp_path / "no-such-folder" / "p.json"):  # checked before evaluating
+        result = run_cli(*evaluate, "--predictions-out", out)
+        assert_one_line_error(result, "--predictions-out")
