@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -99,32 +100,55 @@ def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction
     )
 
 
-def _timed_decode(state: ServingState, data: bytes, size: int) -> torch.Tensor:
+def _too_late(state: ServingState) -> APIError:
+    timeout = state.settings.request_timeout_s
+    return APIError(504, "timeout", f"the prediction took too long: no result within {timeout:g} s")
+
+
+def _timed_decode(state: ServingState, data: bytes, size: int, deadline: float) -> torch.Tensor:
+    if time.monotonic() > deadline:  # waited behind other uploads past the request's deadline
+        raise _too_late(state)
     with state.metrics.decode_seconds.time():  # in the worker thread: the decoding alone
         return decode_upload(data, max_pixels=state.settings.max_image_pixels, size=size)
 
 
-async def _decode(state: ServingState, upload: UploadFile, size: int) -> torch.Tensor:
+async def _decode(
+    state: ServingState, upload: UploadFile, size: int, deadline: float
+) -> torch.Tensor:
+    """The upload as the 32x32 tensor training used, decoded off the event loop, within the
+    request's deadline (APP_REQUEST_TIMEOUT_S covers decoding too)."""
     data = await upload.read()
     loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(state.decoders, _timed_decode, state, data, size, deadline)
     try:
-        return await loop.run_in_executor(state.decoders, _timed_decode, state, data, size)
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise _too_late(state) from None
     except ImageError as exc:
         state.metrics.image_errors.labels(exc.code).inc()
         raise
 
 
 async def _infer(
-    state: ServingState, batcher: DynamicBatcher, images: list[torch.Tensor], ticket: Ticket
+    state: ServingState,
+    batcher: DynamicBatcher,
+    images: list[torch.Tensor],
+    ticket: Ticket,
+    deadline: float,
 ) -> list[torch.Tensor]:
+    if not images:  # every file of a batch was refused: their errors are the answer
+        return []
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _too_late(state)
     try:
-        probs = await batcher.predict(images, state.settings.request_timeout_s, ticket)
+        probs = await batcher.predict(images, remaining, ticket)
     except QueueFull as exc:
         raise APIError(
             503, "busy", f"the server is busy: {exc}; retry shortly", {"Retry-After": "1"}
         ) from None
-    except DeadlineExceeded as exc:
-        raise APIError(504, "timeout", f"the prediction took too long: {exc}") from None
+    except DeadlineExceeded:
+        raise _too_late(state) from None
     state.metrics.images.inc(len(images))
     return probs
 
@@ -138,12 +162,13 @@ async def predict(
     top_k: TopK = 5,
 ) -> Prediction:
     predictor, batcher = state.require_ready()
+    deadline = time.monotonic() + state.settings.request_timeout_s
     with batcher.incoming() as ticket:
         try:
-            image = await _decode(state, file, predictor.source_size)
+            image = await _decode(state, file, predictor.source_size, deadline)
         except ImageError as exc:
             raise APIError(exc.status, exc.code, exc.detail) from None
-        [probs] = await _infer(state, batcher, [image], ticket)
+        [probs] = await _infer(state, batcher, [image], ticket, deadline)
     return to_prediction(probs, predictor.classes, top_k)
 
 
@@ -172,15 +197,17 @@ async def predict_batch(
             f"{len(files)} files sent; the queue holds {batcher.max_queue} images "
             "(APP_MAX_QUEUE): send fewer per call",
         )
+    deadline = time.monotonic() + state.settings.request_timeout_s
     with batcher.incoming() as ticket:
         decoded = await asyncio.gather(
-            *(_decode(state, f, predictor.source_size) for f in files), return_exceptions=True
+            *(_decode(state, f, predictor.source_size, deadline) for f in files),
+            return_exceptions=True,
         )
         for result in decoded:
             if isinstance(result, BaseException) and not isinstance(result, ImageError):
                 raise result
         good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
-        probs = await _infer(state, batcher, [decoded[i] for i in good], ticket)
+        probs = await _infer(state, batcher, [decoded[i] for i in good], ticket, deadline)
     by_index = dict(zip(good, probs, strict=True))
     results = []
     for i, (upload, result) in enumerate(zip(files, decoded, strict=True)):

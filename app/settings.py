@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     max_queue: int = setting(
         256, "images waiting for the model; beyond it: 503 + Retry-After", ge=1
     )
-    request_timeout_s: float = setting(10.0, "a request waiting longer gets 504", gt=0)
+    request_timeout_s: float = setting(
+        10.0, "a request not answered within this (decoding, queue, model) gets 504", gt=0
+    )
     max_upload_bytes: int = setting(
         10 * 1024 * 1024, "largest request body in bytes; larger: 413, refused unread", ge=1024
     )

@@ -131,6 +131,33 @@ def test_deadline_answers_504_and_the_server_stays_healthy(serve: ServeFactory) 
     assert wait_for(lambda: queue_depth(client) == 0)
 
 
+def test_the_deadline_covers_decoding(serve: ServeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """APP_REQUEST_TIMEOUT_S bounds the whole request: an upload whose decoding outlasts it
+    is answered 504 at the deadline, not when (or if) the decoding ends."""
+    import app.routes
+
+    release, finished = threading.Event(), threading.Event()
+    real = app.routes.decode_upload
+
+    def slow_decode(*args: Any, **kwargs: Any) -> torch.Tensor:
+        release.wait(30)  # a huge image, or one queued behind others
+        finished.set()
+        return real(*args, **kwargs)
+
+    client = serve(request_timeout_s=0.3)
+    monkeypatch.setattr(app.routes, "decode_upload", slow_decode)
+    for response in (
+        post_image(client, images.png(3)),
+        client.post("/predict/batch", files=images.uploads(images.png(4))),
+    ):
+        assert not finished.is_set()  # answered while the decoding still ran
+        assert "0.3 s" in assert_error(response, 504, "timeout")["detail"]
+    release.set()
+    monkeypatch.undo()
+    assert post_image(client, images.png(5)).status_code == 200
+    assert client.get("/health").json()["status"] == "ok"
+
+
 def queue_depth(client: TestClient) -> float:
     return sample(parse_metrics(client.get("/metrics").text), "inference_queue_depth")
 
