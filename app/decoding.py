@@ -20,6 +20,8 @@ from training.preprocess import reduce_image
 ALLOWED_FORMATS = {
     "JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF",
 }  # fmt: skip
+# How the accepted formats' files begin (WebP: RIFF....WEBP, checked apart).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 # Image.open itself refuses images over twice Pillow's MAX_IMAGE_PIXELS (89,478,485 by default),
 # whatever our own limit is; Settings caps max_image_pixels at this.
 PIL_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
@@ -47,6 +49,11 @@ def decode_upload(data: bytes, *, max_pixels: int, size: int = 32) -> torch.Tens
             f"the image has over {PIL_PIXEL_LIMIT:,} pixels, more than this service decodes",
         ) from None
     except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            # An image format's signature, but too short for Pillow to identify: cut short.
+            raise ImageError(
+                400, "corrupt_image", "the image is truncated or corrupt (its header is cut short)"
+            ) from None
         raise ImageError(
             415,
             "not_an_image",

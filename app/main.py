@@ -51,12 +51,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
         field = loc[-1] if loc else "request"
-        if loc[:1] == ["body"] and field in ("file", "files") and err.get("type") == "missing":
+        if loc[:1] == ["body"] and len(loc) > 1 and loc[1] in ("file", "files"):
+            # Missing, or a text value where a file upload belongs (loc may end in an index).
+            field = loc[1]
             example = "-F file=@image.jpg" if field == "file" else "-F files=@a.jpg -F files=@b.png"
             return (
                 "no_file",
-                f"no file: send the image(s) as multipart/form-data field '{field}' "
-                f"(curl {example} ...)",
+                f"no file: send the image(s) as multipart/form-data file upload(s) in field "
+                f"'{field}' (curl {example} ...)",
             )
         if field == "top_k":
             return "bad_top_k", "top_k must be an integer from 1 to 10"

@@ -56,7 +56,12 @@ class Settings(BaseSettings):
         ge=1,
         le=PIL_PIXEL_LIMIT,  # Pillow refuses larger images whatever this says
     )
-    max_batch_files: int = setting(32, "most files in one /predict/batch call", ge=1)
+    max_batch_files: int = setting(
+        32,
+        "most files in one /predict/batch call",
+        ge=1,
+        le=1000,  # the form parser's limit
+    )
     api_key: SecretStr | None = setting(
         None, "when set, /predict and /predict/batch need it in the X-API-Key header"
     )
@@ -82,7 +87,9 @@ class Settings(BaseSettings):
     @field_validator("api_key")
     @classmethod
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
-        return value if value is not None and value.get_secret_value() else None
+        # Stripped as HTTP strips header values: a key read from a file keeps no newline.
+        key = value.get_secret_value().strip() if value is not None else ""
+        return SecretStr(key) if key else None
 
     def torch_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)

@@ -64,7 +64,7 @@ class Preprocessing:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> upright 8-bit RGB: EXIF orientation, first frame, alpha, 16-bit, CMYK."""
-    if getattr(image, "n_frames", 1) > 1:
+    if getattr(image, "is_animated", False):  # n_frames would walk every frame of a GIF
         image.seek(0)  # animated GIF/WebP/PNG: the first frame
     image = ImageOps.exif_transpose(image) or image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import GifImagePlugin, Image
 
 from app.decoding import ImageError, decode_upload
 from tests.app import images
@@ -96,6 +96,19 @@ def test_exif_orientation_is_applied() -> None:
     assert out[2, -12:].float().mean() > 200 and out[0, -12:].float().mean() < 60  # bottom: blue
 
 
+def test_a_long_animation_is_not_walked_frame_by_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first frame is used: counting frames (n_frames) would decode every one of
+    them, seconds for a GIF of many thousand small frames."""
+    frames = [solid((255, 0, 0)).convert("P"), solid((0, 0, 255)).convert("P")]
+    data = images.encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+    def counted(self: Image.Image) -> int:
+        raise AssertionError("n_frames walked the animation")
+
+    monkeypatch.setattr(GifImagePlugin.GifImageFile, "n_frames", property(counted))
+    assert decode(data)[0].float().mean() > 200  # the red first frame
+
+
 def test_an_animated_gif_is_its_first_frame() -> None:
     frames = [solid((255, 0, 0)).convert("P"), solid((0, 0, 255)).convert("P")]
     data = images.encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
@@ -135,6 +148,14 @@ def test_other_formats_are_refused(fmt: str) -> None:
         pytest.param(b"hello, world\n" * 50, 415, "not_an_image", id="text"),
         pytest.param(b"\x00" * 1000, 415, "not_an_image", id="zeros"),
         pytest.param(images.jpeg(4, (96, 96))[:-400], 400, "corrupt_image", id="truncated-jpeg"),
+        pytest.param(images.jpeg(4, (96, 96))[:20], 400, "corrupt_image", id="jpeg-header-cut"),
+        pytest.param(images.png(5, (96, 96))[:30], 400, "corrupt_image", id="png-header-cut"),
+        pytest.param(
+            images.encode(Image.fromarray(images.noise(2)), "GIF")[:100],
+            400,
+            "corrupt_image",
+            id="gif-palette-cut",
+        ),
         pytest.param(images.png(5, (96, 96))[:-400], 400, "corrupt_image", id="truncated-png"),
         pytest.param(
             images.png(6, (96, 96))[:200] + b"\xff" * 400 + images.png(6, (96, 96))[600:],

@@ -285,6 +285,7 @@ def chunks(total: int, size: int = 16_384) -> Iterator[bytes]:
             {"files": images.upload(images.png(), field="image")}, 422, "no_file", id="wrong-field"
         ),
         pytest.param({"data": {"top_k": "3"}}, 422, "no_file", id="form-without-file"),
+        pytest.param({"data": {"file": "hello"}}, 422, "no_file", id="text-instead-of-file"),
         pytest.param(
             {"files": images.upload(b"\0" * (MAX_UPLOAD + 1))},
             413,

@@ -75,6 +75,7 @@ def test_device_spellings(device: str) -> None:
         {"max_upload_bytes": 10},
         {"max_batch_delay_ms": -1},
         {"max_image_pixels": 200_000_000},  # Pillow refuses images over 178,956,970 pixels
+        {"max_batch_files": 1001},  # the form parser refuses more than 1000 files
     ],
 )
 def test_invalid_values_are_refused(values: dict) -> None:
@@ -91,8 +92,11 @@ def test_threads_default_to_an_even_share_of_the_cores(monkeypatch: pytest.Monke
     assert Settings(workers=4, threads=3).torch_threads() == 3
 
 
-def test_an_empty_api_key_means_none() -> None:
+def test_an_empty_api_key_means_none_and_whitespace_is_stripped() -> None:
     assert Settings(api_key="").api_key is None
+    assert Settings(api_key="  \n").api_key is None
+    key = Settings(api_key="s3cret\n").api_key  # as read from a file
+    assert key is not None and key.get_secret_value() == "s3cret"
 
 
 def test_env_round_trip_rebuilds_the_same_settings(monkeypatch: pytest.MonkeyPatch) -> None:
