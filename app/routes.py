@@ -251,6 +251,10 @@ async def health(state: State, response: Response) -> Health:
     )
 
 
+# Some monitors and load balancers probe with HEAD: the same answer, without a body.
+ops.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
+
 @ops.get(
     "/model",
     response_model=ModelInfo,

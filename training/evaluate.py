@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (an export leaves --out as it was)
+        return 130
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        if math.isnan(args.max_drop):  # no drop would ever be refused
+            raise UserError("--max-drop must be a number")
         ckpt = load_checkpoint(args.checkpoint)
         # Checked before it replaces --out: a rejected export leaves the served model as it was.
         with staged_artifact(ckpt, args.out) as staged:
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback (an export leaves --out as it was)
+        return 130
     except OSError as exc:  # --out is a file, under a file, or not writable
         print(f"error: cannot write the artifact to {args.out}: {exc.strerror or exc}; "
               "choose another --out", file=sys.stderr)  # fmt: skip

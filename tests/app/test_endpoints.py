@@ -72,6 +72,11 @@ def assert_healthy(client: TestClient) -> None:
 # ---- /health, /model, /docs --------------------------------------------------------------------
 
 
+def test_health_answers_head_probes(client: TestClient) -> None:
+    response = client.head("/health")
+    assert response.status_code == 200 and response.content == b""
+
+
 def test_health_names_the_served_model(client: TestClient, artifact: Path) -> None:
     response = client.get("/health")
     assert response.status_code == 200

@@ -164,6 +164,10 @@ def test_export_and_evaluate_refuse_unusable_paths_in_one_line(
     for out in (a_file, a_file / "sub"):
         result = run_cli("-m", "training.export", seed_run.last, "--out", out)
         assert_one_line_error(result, "cannot write the artifact to", "choose another --out")
+    result = run_cli(
+        "-m", "training.export", seed_run.last, "--out", tmp_path / "w", "--max-drop", "nan"
+    )
+    assert_one_line_error(result, "--max-drop must be a number")
     evaluate = (
         "-m",
         "training.evaluate",
