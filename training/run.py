@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
             for name, values in RECIPES.items()
         ),
     )
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="seed", help="named recipe")
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default=None, help="named recipe (default: seed)"
+    )
     parser.add_argument(
         "--resume", type=Path, default=None, help="continue the run whose last.pt this is"
     )
@@ -62,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "recipe"}
-    explicit = {k for k, v in values.items() if v is not None}
+    explicit = {k for k, v in values.items() if v is not None} | (
+        {"recipe"} if args.recipe else set()
+    )
     from training.trainer import train  # deferred: --help stays fast
 
     try:
-        config = make_config(args.recipe, **values)
+        config = make_config(args.recipe or "seed", **values)
         train(config, resume=args.resume, explicit=explicit)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -177,6 +177,10 @@ def _train(
             raise CheckpointError(
                 f"{resume} holds weights only (a best.pt or an export); resume from last.pt"
             )
+        if "out_dir" in explicit and Path(cfg.out_dir or ".").resolve() != resume.parent.resolve():
+            raise UserError(
+                f"a resumed run continues in its own folder, {resume.parent}; drop --out-dir"
+            )
         cfg = _resume_config(ckpt, cfg, explicit).validate()
         if ckpt["epoch"] >= cfg.epochs and ckpt.get("test") is not None:
             raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")

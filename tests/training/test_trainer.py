@@ -325,6 +325,12 @@ def test_resume_refuses_changed_settings(
     changed = tiny_config("seed", image_tree, run_dir, lr=0.1, epochs=3)
     with pytest.raises(UserError, match=r"--epochs, --lr cannot change when resuming"):
         train(changed, resume=last, explicit={"lr", "epochs", "device"})
+    # Neither can the recipe, nor the folder (both were silently ignored).
+    with pytest.raises(UserError, match=r"--recipe cannot change when resuming"):
+        train(tiny_config("fast", image_tree, run_dir), resume=last, explicit={"recipe"})
+    elsewhere = tiny_config("seed", image_tree, run_dir / "elsewhere")
+    with pytest.raises(UserError, match=r"continues in its own folder.*drop --out-dir"):
+        train(elsewhere, resume=last, explicit={"out_dir"})
     other = make_image_tree(tmp_path_factory.mktemp("other"), n_train=4, n_test=1)
     with pytest.raises(UserError, match=r"is not what .* was trained on \(18 images"):
         train(tiny_config("seed", other, run_dir), resume=last, explicit={"data_dir"})
