@@ -4,8 +4,9 @@ uvicorn's own `--workers` shares one listening socket between the processes, and
 process wakes first accepts every connection waiting: the 32 keep-alive clients of
 bench/serve_load.py, connecting together, landed 31/1, 23/9 and 21/11 on two processes, so one
 model copy did most of the work. With a socket per process the kernel spreads new connections
-over the processes by their address hash (16/16, 17/15 and 17/15 for the same clients). The supervisor (this process) forwards SIGTERM and
-SIGINT to the workers, waits for them to drain, and replaces a worker that dies while serving.
+over the processes by their address hash (16/16, 17/15 and 17/15 for the same clients). The
+supervisor (this process) forwards SIGTERM and SIGINT to the workers, waits for them to drain,
+and replaces a worker that dies while serving.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from training.checkpoint import (
     load_checkpoint,
     preprocessing_of,
 )
+from training.errors import UserError
 from training.model import ARCHITECTURE, AlexNet, AlexNetConfig
 from training.preprocess import Preprocessing
 
@@ -172,46 +173,62 @@ def staged_artifact(
         }
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    with _writing_to(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        files: dict[str, dict[str, Any]] = {}
-        for file_name, shard in zip(names, shards, strict=True):
-            path = staging / file_name
-            save_file(shard, str(path), metadata={"format": ARTIFACT_FORMAT})
-            path.chmod(0o644)  # readable by a container's non-root user
-            files[file_name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        index = {
-            "format": ARTIFACT_FORMAT,
-            "format_version": ARTIFACT_VERSION,
-            "model": {"architecture": ARCHITECTURE, "args": ckpt["model"]["args"]},
-            "classes": ckpt["classes"],
-            "preprocessing": ckpt["preprocessing"],
-            "recipe": ckpt.get("recipe"),
-            "config": ckpt.get("config"),
-            "epoch": ckpt.get("epoch"),
-            "metrics": ckpt.get("metrics"),
-            "best": ckpt.get("best"),
-            "test": ckpt.get("test"),
-            "data": ckpt.get("data"),
-            "versions": ckpt.get("versions"),
-            "quantization": QUANTIZATION,
-            "tensors": entries,
-            "files": files,
-            **(extra or {}),
-        }
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-        total = sum(f["bytes"] for f in files.values()) + (staging / INDEX_NAME).stat().st_size
+        with _writing_to(out_dir):
+            files: dict[str, dict[str, Any]] = {}
+            for file_name, shard in zip(names, shards, strict=True):
+                path = staging / file_name
+                save_file(shard, str(path), metadata={"format": ARTIFACT_FORMAT})
+                path.chmod(0o644)  # readable by a container's non-root user
+                files[file_name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            index = {
+                "format": ARTIFACT_FORMAT,
+                "format_version": ARTIFACT_VERSION,
+                "model": {"architecture": ARCHITECTURE, "args": ckpt["model"]["args"]},
+                "classes": ckpt["classes"],
+                "preprocessing": ckpt["preprocessing"],
+                "recipe": ckpt.get("recipe"),
+                "config": ckpt.get("config"),
+                "epoch": ckpt.get("epoch"),
+                "metrics": ckpt.get("metrics"),
+                "best": ckpt.get("best"),
+                "test": ckpt.get("test"),
+                "data": ckpt.get("data"),
+                "versions": ckpt.get("versions"),
+                "quantization": QUANTIZATION,
+                "tensors": entries,
+                "files": files,
+                **(extra or {}),
+            }
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+            total = sum(f["bytes"] for f in files.values()) + (staging / INDEX_NAME).stat().st_size
         yield ExportResult(staging, files, total)
-        # Keep a model card or other files a user put in the folder; replace only our files.
-        if out_dir.exists():
-            for old in out_dir.glob("model-*-of-*.safetensors"):
-                old.unlink()
-        out_dir.mkdir(exist_ok=True)
-        for file_name in [*names, INDEX_NAME]:
-            os.replace(staging / file_name, out_dir / file_name)
+        with _writing_to(out_dir):
+            # Keep a model card or other files a user put in the folder; replace only our files.
+            if out_dir.exists():
+                for old in out_dir.glob("model-*-of-*.safetensors"):
+                    old.unlink()
+            out_dir.mkdir(exist_ok=True)
+            for file_name in [*names, INDEX_NAME]:
+                os.replace(staging / file_name, out_dir / file_name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _writing_to(out_dir: Path) -> Iterator[None]:
+    """An OSError while writing the artifact (a file where the folder should be, no permission,
+    a full disk) as one UserError naming the folder; errors of the caller's checks pass as they
+    are."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the artifact to {out_dir}: {exc.strerror or exc}; choose another --out"
+        ) from None
 
 
 def read_index(folder: Path) -> dict[str, Any]:

@@ -60,10 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: no traceback (an export leaves --out as it was)
         return 130
-    except OSError as exc:  # --out is a file, under a file, or not writable
-        print(f"error: cannot write the artifact to {args.out}: {exc.strerror or exc}; "
-              "choose another --out", file=sys.stderr)  # fmt: skip
-        return 2
     return 0
 
 
