@@ -3,13 +3,15 @@
     python3 -m bench.gpu_session --tarball .device-data/cifar10-jpg.tar.gz --out "$OUT"
 
 In order of importance, skipping optional steps once --budget-s is spent:
-1. recipe `fast` (target <= 30 s, >= 87.5% test); if it misses, one more try with as many
-   epochs as fit in 30 s at the measured epoch time, and label smoothing 0.2; then each of
-   --variants (other `fast` flag sets), while the budget leaves room for step 2;
+1. recipe `fast` (target <= 30 s, >= 87.5% test), then each of --variants (other `fast` flag
+   sets), while the budget leaves room for step 2;
 2. recipe `seed`, 20 epochs (target <= 40 s, >= 78% test);
-3. export of the best `fast` run to OUT/weights (int8 artifact), with its test accuracy;
+3. only if a `fast` run met its target: export of the best such run (chosen on validation
+   accuracy) to OUT/weights (int8 artifact: model.json and shards), with its test accuracy;
 4. bench.train_speed: the notebook's pipeline against ours (table);
-OUT/results.tgz (rewritten after every step): logs, summaries, metrics and figures of every run.
+OUT/results.tgz (rewritten after every step): logs, summaries, metrics and figures of every run
+(the exported run's curves.png and confusion.png among them, so OUT stays within the device
+tool's 8 returned files).
 Each step is a subprocess; a failed step is logged and the rest still runs.
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -128,18 +129,6 @@ def main() -> int:
         fast = train("fast-eager", ["--recipe", "fast", "--no-cuda-graphs"], data, work, logs)
     summaries += [fast] if fast else []
     pack()
-    if fast is not None and not (
-        fast["test"]["accuracy"] >= FAST_ACC and fast["train_seconds"] <= FAST_SECONDS
-    ):
-        metrics = run_metrics(work, fast["name"])
-        per_epoch = sorted(m["epoch_s"] for m in metrics)[len(metrics) // 2]
-        setup = fast["train_seconds"] - sum(m["epoch_s"] for m in metrics)  # graph capture
-        epochs = max(16, math.floor((FAST_SECONDS - 0.5 - setup) / per_epoch))
-        if time_left() > 60 + epochs * per_epoch:
-            extra = train(f"fast-e{epochs}-ls02", ["--recipe", "fast", "--epochs", str(epochs), "--label-smoothing", "0.2"],
-                          data, work, logs)  # fmt: skip
-            summaries += [extra] if extra else []
-            pack()
     per_run = fast["train_seconds"] + 15 if fast else 60  # training plus start-up and test
     for k, variant in enumerate(v for v in args.variants.split(";") if v.strip()):
         if time_left() < 75 + per_run:  # leave room for the seed run
@@ -155,11 +144,17 @@ def main() -> int:
         summaries += [seed] if seed else []
         pack()
 
-    fast_runs = [s for s in summaries if s["recipe"] == "fast"]
-    if fast_runs and time_left() > 25:
-        ok = [s for s in fast_runs if s["train_seconds"] <= FAST_SECONDS] or fast_runs
-        # Chosen on validation accuracy: the test set only reports, it does not select.
-        chosen = max(ok, key=lambda s: run_metrics(work, s["name"])[-1]["val_acc"])
+    met = [
+        s for s in summaries
+        if s["recipe"] == "fast" and s["train_seconds"] <= FAST_SECONDS
+        and s["test"]["accuracy"] >= FAST_ACC
+    ]  # fmt: skip
+    if not met:
+        print("# no fast run met its target: weights/ stays as shipped", flush=True)
+    elif time_left() > 25:
+        # Among the runs that met the target, chosen on validation accuracy: the test set
+        # only reports, it does not rank.
+        chosen = max(met, key=lambda s: run_metrics(work, s["name"])[-1]["val_acc"])
         print(f"== exporting {chosen['name']}", flush=True)
         (logs / "chosen.txt").write_text(chosen["name"] + "\n")
         ckpt = work / "runs" / chosen["name"] / "last.pt"
