@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     threads: int | None = setting(
         None, "CPU threads per process for the model (default: CPU cores / workers)", ge=1
     )
+    decode_threads: int | None = setting(
+        None,
+        "threads per process that decode uploads (default: one per CPU core); they share the "
+        "process's Python interpreter lock with HTTP handling and the model's thread",
+        ge=1,
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = setting(
         "info", "log level"
     )
@@ -93,6 +99,9 @@ class Settings(BaseSettings):
 
     def torch_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    def decoder_threads(self) -> int:
+        return self.decode_threads or os.cpu_count() or 1
 
     def env(self) -> dict[str, str]:
         """These settings as APP_* variables (for worker processes that rebuild them)."""

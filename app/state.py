@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,11 +48,12 @@ class ServingState:
         self.status = "loading"
         self.detail: str | None = "loading the model"
         self.ready = threading.Event()  # set once ok or failed
-        # Uploads decode here, off the event loop. A fixed pool, one thread per core: decoding
-        # is CPU work (PIL releases the GIL while it decodes), and Starlette's default pool
-        # (anyio's, up to 40 threads) started new threads on the event loop as load rose.
+        # Uploads decode here, off the event loop. A fixed pool, one thread per core unless
+        # --decode-threads says otherwise: decoding is CPU work (PIL releases the GIL while it
+        # decodes), and Starlette's default pool (anyio's, up to 40 threads) started new
+        # threads on the event loop as load rose.
         self.decoders = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="decode"
+            max_workers=settings.decoder_threads(), thread_name_prefix="decode"
         )
 
     def load_and_warm_up(self) -> None:

@@ -187,6 +187,7 @@ def start_server(
         "--precision", precision, "--port", str(port), "--max-batch-size", str(max_batch_size),
         "--max-batch-delay-ms", str(args.delay_ms), "--max-queue", "4096", "--workers", str(workers),
         "--log-level", "warning", *(["--threads", str(args.threads)] if args.threads else []),
+        *(["--decode-threads", str(args.decode_threads)] if args.decode_threads else []),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1", help="server process counts to try, e.g. 1,2")
     parser.add_argument("--threads", type=int, help="--threads of the server (default: its own)")
     parser.add_argument(
+        "--decode-threads", type=int, help="--decode-threads of the server (default: its own)"
+    )
+    parser.add_argument(
         "--no-unbatched", action="store_true", help="skip the max_batch_size=1 baseline"
     )
     parser.add_argument("--json-out", type=Path)
@@ -402,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = whole.info["device"]
     print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs, "
-          f"{args.rounds} rounds of {args.seconds:g} s per level\n")  # fmt: skip
+          f"{args.rounds} rounds of {args.seconds:g} s per level, decoding threads per process: "
+          f"{args.decode_threads or 'one per CPU'}\n")  # fmt: skip
     print("Model alone (no HTTP), timed after each round's load window: range over a "
           "configuration's rounds.\n")  # fmt: skip
     print("| next to | processes x threads | "

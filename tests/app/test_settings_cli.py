@@ -92,6 +92,23 @@ def test_threads_default_to_an_even_share_of_the_cores(monkeypatch: pytest.Monke
     assert Settings(workers=4, threads=3).torch_threads() == 3
 
 
+def test_decoding_threads_default_to_one_per_core_and_follow_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.state import ServingState
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    for settings, expected in ((Settings(workers=2), 16), (Settings(decode_threads=3), 3)):
+        state = ServingState(settings, predictor=None)
+        try:
+            assert state.decoders._max_workers == expected
+        finally:
+            state.decoders.shutdown()
+    for key, value in Settings(decode_threads=3).env().items():  # as worker processes get it
+        monkeypatch.setenv(key, value)
+    assert Settings().decode_threads == 3
+
+
 def test_an_empty_api_key_means_none_and_whitespace_is_stripped() -> None:
     assert Settings(api_key="").api_key is None
     assert Settings(api_key="  \n").api_key is None
