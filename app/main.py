@@ -136,10 +136,11 @@ class CompleteMultipart:
 
 
 class RequestMetrics:
-    """Count requests by route template and status, and time them."""
+    """Count requests by route template and status, and time them. A request answered before
+    routing (a 413 from Content-Length) counts under its path when that is a route's."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,7 +159,9 @@ class RequestMetrics:
             await self.app(scope, receive, watch)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", "other")
+            endpoint = getattr(route, "path", None) or (
+                scope["path"] if scope["path"] in self.paths else "other"  # bounded labels
+            )
             self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -229,7 +232,9 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(CompleteMultipart)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    # From the routers: FastAPI lists an included router as one opaque entry of app.routes.
+    paths = frozenset(route.path for router in (predictions, ops, page) for route in router.routes)
+    app.add_middleware(RequestMetrics, metrics=state.metrics, paths=paths)
     return app
 
 

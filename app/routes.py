@@ -155,12 +155,23 @@ async def _infer(
 
 @predictions.post("/predict", response_model=Prediction, summary="Classify one image")
 async def predict(
+    request: Request,
     state: State,
     file: Annotated[
         UploadFile, File(description="one image: JPEG, PNG, WebP, BMP or GIF, any size")
     ],
     top_k: TopK = 5,
 ) -> Prediction:
+    # The form parser keeps every part, the parameter only the last 'file': answer one of
+    # several uploads and the client never learns the others were dropped.
+    sent = len((await request.form()).getlist("file"))  # the form FastAPI already parsed
+    if sent > 1:
+        raise APIError(
+            422,
+            "too_many_files",
+            f"{sent} files in field 'file'; /predict classifies one: send several to "
+            "/predict/batch, in field 'files'",
+        )
     predictor, batcher = state.require_ready()
     deadline = time.monotonic() + state.settings.request_timeout_s
     with batcher.incoming() as ticket:

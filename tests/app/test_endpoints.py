@@ -324,6 +324,12 @@ def chunks(total: int, size: int = 16_384) -> Iterator[bytes]:
             "bad_top_k",
             id="top_k-abc",
         ),
+        pytest.param(
+            {"files": [("file", ("a.png", images.png(), "image/png"))] * 2},
+            422,
+            "too_many_files",
+            id="two-files-in-field-file",
+        ),
     ],
 )
 def test_bad_request_to_predict(
@@ -514,6 +520,19 @@ def test_metrics_count_requests_batches_and_latency(client: TestClient) -> None:
     assert delta("image_decode_seconds_sum") > 0
     assert ("inference_queue_depth", frozenset()) in after
     assert sample(after, "inference_queue_depth") == 0
+
+
+def test_a_body_refused_before_routing_counts_under_its_endpoint(client: TestClient) -> None:
+    before = parse_metrics(client.get("/metrics").text)
+    for path in ("/predict", "/predict/batch", "/no-such-path"):
+        response = client.post(path, files=images.upload(b"\0" * (MAX_UPLOAD + 1)))
+        assert response.status_code == 413  # from Content-Length, before any route ran
+    after = parse_metrics(client.get("/metrics").text)
+    for endpoint in ("/predict", "/predict/batch", "other"):  # unknown paths stay one label
+        labels = {"endpoint": endpoint, "method": "POST", "status": "413"}
+        assert sample(after, "http_requests_total", **labels) - sample(
+            before, "http_requests_total", **labels
+        ) == 1, endpoint
 
 
 def test_exact_ties_go_to_the_lower_class_id_as_argmax_does() -> None:
