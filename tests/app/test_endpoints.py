@@ -530,9 +530,11 @@ def test_a_body_refused_before_routing_counts_under_its_endpoint(client: TestCli
     after = parse_metrics(client.get("/metrics").text)
     for endpoint in ("/predict", "/predict/batch", "other"):  # unknown paths stay one label
         labels = {"endpoint": endpoint, "method": "POST", "status": "413"}
-        assert sample(after, "http_requests_total", **labels) - sample(
-            before, "http_requests_total", **labels
-        ) == 1, endpoint
+        assert (
+            sample(after, "http_requests_total", **labels)
+            - sample(before, "http_requests_total", **labels)
+            == 1
+        ), endpoint
 
 
 def test_exact_ties_go_to_the_lower_class_id_as_argmax_does() -> None:
