@@ -115,8 +115,14 @@ def load_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
 
 
 def image_extensions() -> set[str]:
-    """Every file suffix PIL can open: 'any image format'."""
-    return {ext.lower() for ext in Image.registered_extensions()}
+    """Every file suffix PIL can open: 'any image format'. Not the formats Pillow can only
+    write (PDF, Palm): a PDF beside the images is not an image of the data set. MPO (camera
+    JPEGs) has no opener of its own: Pillow's JPEG plugin opens it."""
+    return {
+        ext.lower()
+        for ext, fmt in Image.registered_extensions().items()
+        if fmt in Image.OPEN or fmt == "MPO"
+    }
 
 
 def resolve_image_root(data_dir: Path, split: str = "train") -> Path:
