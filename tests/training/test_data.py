@@ -93,7 +93,9 @@ def test_image_folder_tree_in_mixed_formats(tmp_path: Path) -> None:
     Image.fromarray(odd, mode="RGBA").save(odd_path)
     # Ignored: non-images, hidden files, hidden folders.
     (root / "train" / "red" / "notes.txt").write_text("not an image")
-    (root / "train" / "red" / "notes.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")  # Pillow writes PDF only
+    (root / "train" / "red" / "notes.pdf").write_bytes(
+        b"%PDF-1.4\n%%EOF\n"
+    )  # Pillow writes PDF only
     write_image(root / "train" / "red" / ".hidden.png", class_image(1, rng))
     write_image(root / "train" / ".ipynb_checkpoints" / "x.png", class_image(1, rng))
 
