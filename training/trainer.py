@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,7 @@ from training.errors import UserError
 from training.model import AlexNet, AlexNetConfig, use_space_to_depth
 from training.preprocess import InputTransform, Preprocessing
 from training.recipes import TrainConfig
+from training.runlock import run_lock
 from training.runtime import Distributed, init_distributed, shutdown_distributed
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ def train(
     hooks = hooks or TrainHooks()
     dist_info, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, resume, explicit or set(), hooks, dist_info, device)
+        with ExitStack() as held:  # the run folder's lock, once taken
+            return _train(cfg, resume, explicit or set(), hooks, dist_info, device, held)
     finally:
         shutdown_distributed()
 
@@ -169,6 +172,7 @@ def _train(
     hooks: TrainHooks,
     dist_info: Distributed,
     device: torch.device,
+    held: ExitStack,
 ) -> RunResult:
     ckpt: dict[str, Any] | None = None
     if resume is not None:
@@ -298,6 +302,7 @@ def _train(
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if dist_info.is_main:
         _check_writable(out_dir)  # now, not after the first epoch has trained
+        held.enter_context(run_lock(out_dir))
         cfg = replace(cfg, out_dir=out_dir)
     metrics: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
     best: dict[str, Any] = dict(ckpt["best"]) if ckpt else {"epoch": 0, "val_acc": -1.0}

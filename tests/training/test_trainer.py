@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,6 +315,31 @@ def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_training(
     with pytest.raises(UserError, match=r"already holds files of another run \(best\.pt\)"):
         train(tiny_config("seed", image_tree, used))
     assert (used / "best.pt").read_bytes() == b"an earlier run's weights"
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run_dir: Path) -> None:
+    """Two processes in one folder would overwrite each other's checkpoints in turn."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import fcntl, sys, time\n"
+            f"f = open({str(run_dir / '.lock')!r}, 'a+')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(120)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"in use by another training process \(pid 4242\)"):
+            train(tiny_config("seed", image_tree, run_dir, epochs=1))
+        assert not (run_dir / "last.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock went with its process: no stale lock to clean up.
+    result = train(tiny_config("seed", image_tree, run_dir, epochs=1))
+    assert result.last.exists() and result.test["accuracy"] >= 0
 
 
 def test_resume_refuses_changed_settings(
