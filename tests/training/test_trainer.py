@@ -322,16 +322,16 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     run_dir.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import fcntl, sys, time\n"
-            f"f = open({str(run_dir / '.lock')!r}, 'a+')\n"
-            "fcntl.flock(f, fcntl.LOCK_EX)\n"
-            "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(120)\n"
+            "import fcntl, os, time\n"
+            f"fd = os.open({str(run_dir)!r}, os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(120)\n"
         )],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=r"in use by another training process \(pid 4242\)"):
+        with pytest.raises(UserError, match=r"in use by another training process; wait"):
             train(tiny_config("seed", image_tree, run_dir, epochs=1))
         assert not (run_dir / "last.pt").exists()
     finally:
