@@ -21,10 +21,10 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 # on top, and the JSON.
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu-serving.txt"
 # The load generator shares the host's 16 cores with the server; it is a light asyncio client.
-# About 5 minutes: 3 configurations x 5 levels x 2 rounds of 3 s load + 0.5 s per model batch size;
-# ROUNDS=1 halves it. WORKERS: the process counts to try (1,2). DECODE_THREADS: --decode-threads
-# of the server (default: one per core). CHECKPOINT: what to serve (default weights/; a training last.pt serves at the
-# same speed, since the artifact's int8 weights are dequantized at load).
+# About 5 minutes: 3 configurations x 5 levels x 2 rounds of 3 s load + 0.5 s per model batch
+# size; ROUNDS=1 halves it. WORKERS: the process counts to try (1,2). DECODE_THREADS:
+# --decode-threads of the server (default: one per core). CHECKPOINT: what to serve (default
+# weights/; a training last.pt serves at the same speed: the artifact is dequantized at load).
 python3 -m bench.serve_load --device cuda --rounds "${ROUNDS:-2}" --seconds 3 --warmup 1 --round-warmup 0.5 \
   --model-seconds 0.5 --concurrency 1,8,32,64,128 --model-batches 1,8,32,64 --max-batch-size 64 \
   --checkpoint "${CHECKPOINT:-weights}" --workers "${WORKERS:-1,2}" \
