@@ -141,6 +141,24 @@ def test_other_formats_are_refused(fmt: str) -> None:
     assert (error.status, error.code) == (415, "unsupported_format")
 
 
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:])
+    return out.getvalue()
+
+
+def test_an_animated_gif_cut_short_is_corrupt_not_a_server_error() -> None:
+    """Pillow raises IndexError for a GIF cut inside its second frame: still the upload's fault."""
+    data = _animated_gif()
+    assert (refused(data[:92]).status, refused(data[:92]).code) == (400, "corrupt_image")
+    for cut in range(1, len(data)):  # every cut: an image (the first frame) or a 4xx, no other
+        try:
+            assert decode(data[:cut]).shape == (3, 32, 32)
+        except ImageError as error:
+            assert 400 <= error.status < 500, cut
+
+
 @pytest.mark.parametrize(
     ("data", "status", "code"),
     [
