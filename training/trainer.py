@@ -196,6 +196,16 @@ def _train(
                 f"{resume.parent / 'best.pt'} is missing: the run's best-validation weights "
                 f"(epoch {best_epoch}) are kept there; put it back beside {resume.name} to resume"
             )
+        on_disk = load_checkpoint(resume.parent / "best.pt")["best"]
+        if int(on_disk["epoch"]) != best_epoch:
+            # best.pt is written before last.pt, so a run stopped between the two writes has a
+            # best.pt one epoch ahead of last.pt's record (versions before 2026-11-27 wrote them
+            # the other way round: it could lag). The record follows what the file holds.
+            log.warning(
+                "best.pt holds epoch %d, last.pt records epoch %d as the best: keeping best.pt's",
+                on_disk["epoch"], best_epoch,
+            )  # fmt: skip
+            ckpt["best"] = dict(on_disk)
     if cfg.batch_size % dist_info.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} must split evenly over {dist_info.world_size} processes"
@@ -423,11 +433,12 @@ def _train(
                 m["epoch_s"] = time.perf_counter() - t_epoch
                 m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
                 metrics.append(m)
-                last_ckpt = checkpoint(epoch + 1, state, True, None)
                 ready = copies_done()
-                writer.submit(last_ckpt, last_path, ready)
+                # best.pt first: last.pt records the best epoch, so a run stopped between the
+                # two writes never resumes with a record that best.pt does not hold yet.
                 if is_best:
                     writer.submit(checkpoint(epoch + 1, state, False, None), best_path, ready)
+                writer.submit(checkpoint(epoch + 1, state, True, None), last_path, ready)
                 report.write_metrics(out_dir / "metrics.jsonl", metrics)
                 log.info(report.epoch_line(m, cfg.epochs))
             else:
@@ -457,9 +468,8 @@ def _train(
         best_test = evaluate(model, transform, data.test, data.classes,
                              batch_size=cfg.eval_batch_size, precision=precision)  # fmt: skip
         final_ckpt = checkpoint(cfg.epochs, final_state, True, test)
-        writer.submit(final_ckpt, last_path, copies_done())
+        final_ready = copies_done()
         writer.submit(checkpoint(best["epoch"], best_state, False, best_test), best_path)
-        writer.close()
         log.info(
             "test accuracy %.2f%% (final weights), %.2f%% (best validation, epoch %d); "
             "%d epochs in %.1fs incl. validation",
@@ -486,6 +496,10 @@ def _train(
             "versions": library_versions(),
         }
         report.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        # last.pt with its test result goes last: until it is on disk, a resume runs the final
+        # evaluation again and writes everything above anew.
+        writer.submit(final_ckpt, last_path, final_ready)
+        writer.close()
         log.info("wrote %s, %s, metrics.jsonl, curves.png, confusion.png", last_path, best_path)
         return RunResult(out_dir, last_path, best_path, metrics, test, best_test, train_seconds)
 

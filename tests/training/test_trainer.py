@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tests.helpers import make_image_tree, tiny_config
-from training.checkpoint import CheckpointError, build_model, load_checkpoint
+from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_atomic
 from training.data import load_data
 from training.engine import Precision, accuracy_report, predict
 from training.errors import UserError
@@ -315,6 +315,58 @@ def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_training(
     with pytest.raises(UserError, match=r"already holds files of another run \(best\.pt\)"):
         train(tiny_config("seed", image_tree, used))
     assert (used / "best.pt").read_bytes() == b"an earlier run's weights"
+
+
+def test_best_pt_is_written_before_last_pt_and_the_final_last_pt_goes_last(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """last.pt records the best epoch and, at the end, the test result: written after best.pt
+    (and after the reports), a run stopped between two writes resumes consistently."""
+    from training import checkpoint
+
+    order: list[tuple[str, int, bool]] = []
+    submit = checkpoint.CheckpointWriter.submit
+
+    def recording(self: Any, obj: dict[str, Any], path: Path, ready: Any = None) -> None:
+        order.append((path.name, obj["epoch"], obj["test"] is not None))
+        assert path.name != "last.pt" or obj["best"]["epoch"] <= obj["epoch"]
+        if path.name == "last.pt" and obj["test"] is not None:  # the reports are already written
+            assert (run_dir / "summary.json").exists() and (run_dir / "curves.png").exists()
+        submit(self, obj, path, ready)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "submit", recording)
+    train(tiny_config("seed", image_tree, run_dir, epochs=2))
+    assert order[0] == ("best.pt", 1, False) and order[1] == ("last.pt", 1, False)
+    assert order[-2][0] == "best.pt" and order[-1] == ("last.pt", 2, True)
+    for k, (name, epoch, _) in enumerate(order[:-2]):
+        if name == "best.pt":  # every best.pt of an epoch comes just before that epoch's last.pt
+            assert order[k + 1][:2] == ("last.pt", epoch)
+
+
+def test_resume_keeps_the_best_record_to_what_best_pt_holds(
+    image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A last.pt whose best-epoch record best.pt does not hold (a run stopped between the two
+    writes by versions that wrote last.pt first): the record follows the file."""
+    config = tiny_config("seed", image_tree, run_dir, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=2).hooks())
+    last = load_checkpoint(run_dir / "last.pt")
+    held = load_checkpoint(run_dir / "best.pt")
+    last["best"] = {"epoch": 2, "val_acc": 101.0}  # a record best.pt does not hold
+    if held["best"]["epoch"] == 2:  # make best.pt the lagging one: epoch 1's record
+        held["best"] = {"epoch": 1, "val_acc": last["metrics"][0]["val_acc"]}
+        held["epoch"] = 1
+        save_atomic(held, run_dir / "best.pt")
+    save_atomic(last, run_dir / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        result = train(config, resume=run_dir / "last.pt")
+    assert "keeping best.pt's" in caplog.text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    final_best = load_checkpoint(run_dir / "best.pt")
+    assert summary["best"]["epoch"] == final_best["best"]["epoch"] == final_best["epoch"]
+    assert summary["best"]["val_acc"] < 101.0  # the fabricated record is gone
+    assert result.best_test == summary["best"]["test"]
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run_dir: Path) -> None:
