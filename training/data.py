@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import EpsImagePlugin, Image, ImageFile
 
 from training.errors import UserError
 from training.preprocess import load_image
@@ -115,14 +115,19 @@ def load_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
 
 
 def image_extensions() -> set[str]:
-    """Every file suffix PIL can open: 'any image format'. Not the formats Pillow can only
-    write (PDF, Palm): a PDF beside the images is not an image of the data set. MPO (camera
-    JPEGs) has no opener of its own: Pillow's JPEG plugin opens it."""
-    return {
-        ext.lower()
-        for ext, fmt in Image.registered_extensions().items()
-        if fmt in Image.OPEN or fmt == "MPO"
-    }
+    """Every file suffix PIL can decode: 'any image format'. Not the formats Pillow can only
+    write (PDF, Palm), nor those it only identifies (its stubs: HDF5, GRIB, BUFR, WMF/EMF
+    outside Windows; EPS without Ghostscript): a PDF or an .h5 beside the images is not an
+    image of the data set. MPO (camera JPEGs) has no opener of its own: the JPEG plugin's."""
+    Image.init()
+    readable = {"MPO"}
+    for fmt, (factory, _accept) in Image.OPEN.items():
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            continue
+        if fmt == "EPS" and not EpsImagePlugin.has_ghostscript():
+            continue
+        readable.add(fmt)
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in readable}
 
 
 def resolve_image_root(data_dir: Path, split: str = "train") -> Path:

@@ -93,8 +93,8 @@ class TrainConfig:
             problems.append("--nesterov needs a --momentum above 0")
         if not 0 <= self.weight_decay < 1 or not math.isfinite(self.weight_decay):
             problems.append("--weight-decay must be in [0, 1)")
-        if self.crop_padding < 0:
-            problems.append("--crop-padding must be 0 or more")
+        if not 0 <= self.crop_padding < 32:  # at 32 or more a crop can miss the image entirely
+            problems.append("--crop-padding must be from 0 to 31 (pixels at 32x32)")
         for name in ("seed", "split_seed"):
             if not 0 <= getattr(self, name) < 2**32:
                 problems.append(f"--{name.replace('_', '-')} must be in [0, 2**32)")

@@ -313,6 +313,10 @@ def _train(
     if dist_info.is_main:
         _check_writable(out_dir)  # now, not after the first epoch has trained
         held.enter_context(run_lock(out_dir))
+        # Half-written checkpoints of a killed process (save_atomic's temp files, up to the
+        # size of a checkpoint each): no other process writes here while we hold the lock.
+        for stale in out_dir.glob(".*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
         cfg = replace(cfg, out_dir=out_dir)
     metrics: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
     best: dict[str, Any] = dict(ckpt["best"]) if ckpt else {"epoch": 0, "val_acc": -1.0}

@@ -93,9 +93,9 @@ def test_image_folder_tree_in_mixed_formats(tmp_path: Path) -> None:
     Image.fromarray(odd, mode="RGBA").save(odd_path)
     # Ignored: non-images, hidden files, hidden folders.
     (root / "train" / "red" / "notes.txt").write_text("not an image")
-    (root / "train" / "red" / "notes.pdf").write_bytes(
-        b"%PDF-1.4\n%%EOF\n"
-    )  # Pillow writes PDF only
+    # Pillow writes PDF only, and only identifies HDF5 (a stub without a decoder).
+    (root / "train" / "red" / "notes.pdf").write_bytes(b"%PDF-1.4\n%%EOF\n")
+    (root / "train" / "red" / "features.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     write_image(root / "train" / "red" / ".hidden.png", class_image(1, rng))
     write_image(root / "train" / ".ipynb_checkpoints" / "x.png", class_image(1, rng))
 

@@ -53,7 +53,8 @@ def test_validation_lists_every_problem() -> None:
         ({"momentum": -1.0}, "--momentum must be in [0, 1)"),
         ({"nesterov": True, "momentum": 0.0}, "--nesterov needs a --momentum above 0"),
         ({"weight_decay": -1.0}, "--weight-decay must be in [0, 1)"),
-        ({"crop_padding": -1}, "--crop-padding must be 0 or more"),
+        ({"crop_padding": -1}, "--crop-padding must be from 0 to 31"),
+        ({"crop_padding": 100_000}, "--crop-padding must be from 0 to 31"),  # a 1 TB pad
         ({"seed": 10**11}, "--seed must be in [0, 2**32)"),
         ({"split_seed": -1}, "--split-seed must be in [0, 2**32)"),
     ],

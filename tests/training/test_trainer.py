@@ -369,6 +369,21 @@ def test_resume_keeps_the_best_record_to_what_best_pt_holds(
     assert result.best_test == summary["best"]["test"]
 
 
+def test_resume_removes_half_written_checkpoints_of_a_killed_process(
+    image_tree: Path, run_dir: Path
+) -> None:
+    config = tiny_config("seed", image_tree, run_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    stale = [run_dir / ".last.pt.99999.tmp", run_dir / ".best.pt.99998.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")  # what SIGKILL mid-write leaves
+    (run_dir / ".notes.tmp").write_text("not ours")
+    train(config, resume=run_dir / "last.pt")
+    assert not any(path.exists() for path in stale)
+    assert (run_dir / ".notes.tmp").read_text() == "not ours"
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run_dir: Path) -> None:
     """Two processes in one folder would overwrite each other's checkpoints in turn."""
     run_dir.mkdir(parents=True, exist_ok=True)
