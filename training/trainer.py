@@ -310,9 +310,20 @@ def _train(
 
     out_dir = _choose_out_dir(cfg, resume, dist_info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    problem: str | None = None
     if dist_info.is_main:
-        _check_writable(out_dir)  # now, not after the first epoch has trained
-        held.enter_context(run_lock(out_dir))
+        try:
+            _check_writable(out_dir)  # now, not after the first epoch has trained
+            held.enter_context(run_lock(out_dir))
+        except UserError as exc:
+            problem = str(exc)
+    if dist_info.enabled:  # every rank stops on rank 0's verdict, not later on a vanished peer
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise UserError(problem)
+    if dist_info.is_main:
         # Half-written checkpoints of a killed process (save_atomic's temp files, up to the
         # size of a checkpoint each): no other process writes here while we hold the lock.
         for stale in out_dir.glob(".*.pt.*.tmp"):

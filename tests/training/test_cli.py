@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,41 @@ def test_resume_from_a_bad_checkpoint_is_one_line(
     _bad_checkpoint(kind, bad, seed_run)
     result = run_cli("-m", "training.run", "--resume", bad, "--data-dir", image_tree)
     assert_one_line_error(result, str(bad), message)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_refused_by_rank_0_stops_every_rank_with_its_message(
+    image_tree: Path, tmp_path: Path
+) -> None:
+    """Only rank 0 checks and locks the run folder; the other ranks used to train on and die
+    with a gloo traceback once rank 0 had left."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import fcntl, os, time\n"
+            f"fd = os.open({str(out)!r}, os.O_RDONLY)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True); time.sleep(300)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        result = run_cli(
+            "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+            "-m", "training.run", "--data-dir", image_tree, "--device", "cpu", "--epochs", "1",
+            "--batch-size", "8", "--valid-size", "0.25", "--out-dir", out,
+            timeout=300,
+            env=cli_env(OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("is in use by another training process") == 2, output[-3000:]  # a rank each
+    assert "Connection closed" not in output and "[rank1]: Traceback" not in output, output[-3000:]
 
 
 @pytest.mark.slow
