@@ -22,7 +22,9 @@ def _one_line(exc: ValidationError) -> str:
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "settings"
         flag = "--" + name.replace("_", "-")
-        parts.append(f"{flag} (APP_{name.upper()}): {err['msg']}, got {err.get('input')!r}")
+        secret = name == "api_key"  # never echoed to a terminal or a log
+        got = "" if secret else f", got {err.get('input')!r}"
+        parts.append(f"{flag} (APP_{name.upper()}): {err['msg']}{got}")
     return "; ".join(parts)
 
 

@@ -45,7 +45,10 @@ class Settings(BaseSettings):
         256, "images waiting for the model; beyond it: 503 + Retry-After", ge=1
     )
     request_timeout_s: float = setting(
-        10.0, "a request not answered within this (decoding, queue, model) gets 504", gt=0
+        10.0,
+        "a request not answered within this (decoding, queue, model) gets 504",
+        gt=0,
+        allow_inf_nan=False,  # a deadline; inf was accepted and shown as null by /model
     )
     max_upload_bytes: int = setting(
         10 * 1024 * 1024, "largest request body in bytes; larger: 413, refused unread", ge=1024
@@ -79,7 +82,10 @@ class Settings(BaseSettings):
         "info", "log level"
     )
     graceful_shutdown_s: float = setting(
-        30.0, "on SIGTERM, time allowed for in-flight requests", ge=0
+        30.0,
+        "on SIGTERM, time allowed for in-flight requests",
+        ge=0,
+        allow_inf_nan=False,  # inf crashed the start-up (uvicorn takes whole seconds)
     )
 
     @field_validator("device")
@@ -95,6 +101,10 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         # Stripped as HTTP strips header values: a key read from a file keeps no newline.
         key = value.get_secret_value().strip() if value is not None else ""
+        if not key.isascii():
+            # HTTP carries header values as bytes, which the server reads as Latin-1: a key
+            # with other characters could never be matched.
+            raise ValueError("use ASCII characters only (an HTTP header carries the key)")
         return SecretStr(key) if key else None
 
     def torch_threads(self) -> int:

@@ -72,6 +72,10 @@ def test_device_spellings(device: str) -> None:
         {"port": 0},
         {"precision": "fp16"},
         {"request_timeout_s": 0},
+        {"request_timeout_s": float("inf")},
+        {"graceful_shutdown_s": float("inf")},  # crashed the start-up
+        {"graceful_shutdown_s": float("nan")},
+        {"api_key": "clé €"},  # no client can send it: header values are read as Latin-1
         {"max_upload_bytes": 10},
         {"max_batch_delay_ms": -1},
         {"max_image_pixels": 200_000_000},  # Pillow refuses images over 178,956,970 pixels
@@ -174,6 +178,12 @@ def test_an_invalid_flag_is_one_line(args: list[str], fragments: list[str]) -> N
 def test_an_invalid_environment_variable_is_one_line(name: str, value: str) -> None:
     result = run_cli("-m", "app", timeout=60, env=cli_env(**{name: value}))
     assert_one_line_error(result, name, value)
+
+
+def test_an_unusable_api_key_is_one_line_that_does_not_echo_it() -> None:
+    result = run_cli("-m", "app", timeout=60, env=cli_env(APP_API_KEY="s3cret-clé"))
+    assert_one_line_error(result, "APP_API_KEY", "ASCII")
+    assert "s3cret" not in result.stdout + result.stderr
 
 
 # ---- python -m app: a checkpoint that cannot be served ----------------------------------------
