@@ -102,9 +102,8 @@ class BodyLimit:
 class CompleteMultipart:
     """Refuse a multipart body that ends before its closing boundary (400). The form parser
     would otherwise drop the unfinished last part without a word: /predict/batch answered 200
-    for the files before it, /predict said no file was sent."""
-
-    TAIL = 1024  # bytes kept past the closing boundary: room for a line break or an epilogue
+    for the files before it, /predict said no file was sent. What follows the closing boundary
+    (an epilogue, which the multipart standard allows) does not matter."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -117,14 +116,17 @@ class CompleteMultipart:
             await self.app(scope, receive, send)  # a missing boundary: the parser's own 400
             return
         close = b"--" + boundary + b"--"
-        tail = b""
+        tail = b""  # the end of what came so far: a boundary may straddle two chunks
+        closed = False
 
         async def checked() -> Message:
-            nonlocal tail
+            nonlocal tail, closed
             message = await receive()
-            if message["type"] == "http.request":
-                tail = (tail + message.get("body", b""))[-(len(close) + self.TAIL) :]
-                if not message.get("more_body", False) and close not in tail:
+            if message["type"] == "http.request" and not closed:
+                window = tail + message.get("body", b"")
+                closed = close in window
+                tail = window[-(len(close) - 1) :]
+                if not message.get("more_body", False) and not closed:
                     raise HTTPException(
                         400,
                         "the multipart body ends before its closing boundary: the upload was "

@@ -407,6 +407,13 @@ def test_a_multipart_body_cut_short_is_a_400_not_a_missing_file(
     # Complete bodies, with or without an epilogue after the closing boundary, are served.
     if path == "/predict":
         assert client.post(path, **multipart(field, images.png(1))).status_code == 200
+        long_epilogue = multipart(field, images.png(1), epilogue=b"e" * 5000)  # RFC 2046 allows it
+        assert client.post(path, **long_epilogue).status_code == 200
+        # Streamed in 5-byte chunks: the closing boundary straddles several of them.
+        body = long_epilogue["content"]
+        chunks = (body[i : i + 5] for i in range(0, len(body), 5))
+        streamed = {"content": chunks, "headers": long_epilogue["headers"]}
+        assert client.post(path, **streamed).status_code == 200
     else:
         served = client.post(path, **multipart(field, images.png(1), images.png(2), epilogue=b"x"))
         assert served.status_code == 200 and len(served.json()["results"]) == 2
