@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFi
 from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import UploadFile as FormFile
 
 from app.batching import DeadlineExceeded, DynamicBatcher, QueueFull, Ticket
 from app.decoding import ImageError, decode_upload
@@ -100,6 +101,30 @@ def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction
     )
 
 
+async def _only_uploads_in(request: Request, field: str, at_most: int | None = None) -> None:
+    """The form parser keeps every part, the endpoint's parameter only those of its own field
+    (one, for /predict): answer part of an upload and the client never learns the rest was
+    dropped. So files in another field, or several where one is read, are a 422."""
+    form = await request.form()  # the form FastAPI already parsed
+    uploads = [key for key, value in form.multi_items() if isinstance(value, FormFile)]
+    others = sorted(set(uploads) - {field})
+    if others:
+        raise APIError(
+            422,
+            "unexpected_field",
+            f"files in field {', '.join(repr(o) for o in others)}; this endpoint reads only "
+            f"field '{field}' (/predict takes 'file', /predict/batch 'files')",
+        )
+    sent = uploads.count(field)
+    if at_most is not None and sent > at_most:
+        raise APIError(
+            422,
+            "too_many_files",
+            f"{sent} files in field '{field}'; /predict classifies one: send several to "
+            "/predict/batch, in field 'files'",
+        )
+
+
 def _too_late(state: ServingState) -> APIError:
     timeout = state.settings.request_timeout_s
     return APIError(504, "timeout", f"the prediction took too long: no result within {timeout:g} s")
@@ -162,16 +187,7 @@ async def predict(
     ],
     top_k: TopK = 5,
 ) -> Prediction:
-    # The form parser keeps every part, the parameter only the last 'file': answer one of
-    # several uploads and the client never learns the others were dropped.
-    sent = len((await request.form()).getlist("file"))  # the form FastAPI already parsed
-    if sent > 1:
-        raise APIError(
-            422,
-            "too_many_files",
-            f"{sent} files in field 'file'; /predict classifies one: send several to "
-            "/predict/batch, in field 'files'",
-        )
+    await _only_uploads_in(request, "file", at_most=1)
     predictor, batcher = state.require_ready()
     deadline = time.monotonic() + state.settings.request_timeout_s
     with batcher.incoming() as ticket:
@@ -189,10 +205,12 @@ async def predict(
     summary="Classify several images; a bad file gets an error in its slot",
 )
 async def predict_batch(
+    request: Request,
     state: State,
     files: Annotated[list[UploadFile], File(description="1..max_batch_files images")],
     top_k: TopK = 5,
 ) -> BatchResponse:
+    await _only_uploads_in(request, "files")
     predictor, batcher = state.require_ready()
     limit = state.settings.max_batch_files
     if len(files) > limit:

@@ -330,6 +330,17 @@ def chunks(total: int, size: int = 16_384) -> Iterator[bytes]:
             "too_many_files",
             id="two-files-in-field-file",
         ),
+        pytest.param(
+            {
+                "files": [
+                    ("file", ("a.png", images.png(), "image/png")),
+                    *images.uploads(images.png()),
+                ]
+            },
+            422,
+            "unexpected_field",
+            id="file-and-files",
+        ),
     ],
 )
 def test_bad_request_to_predict(
@@ -351,6 +362,12 @@ def test_bad_request_to_predict(
             413,
             "too_many_files",
             id="too-many-files",
+        ),
+        pytest.param(
+            {"files": [*images.uploads(images.png()), ("file", ("a.png", images.png(), "x/y"))]},
+            422,
+            "unexpected_field",
+            id="files-and-file",
         ),
         pytest.param(
             {"files": images.uploads(images.png()) * 2, "params": {"top_k": 11}},
