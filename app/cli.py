@@ -3,7 +3,6 @@ APP_* environment variable; see `python -m app --help`."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
@@ -34,12 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from app.main import create_app  # deferred: --help and bad flags answer fast
+    from app.main import configure_logging, create_app  # deferred: --help answers fast
+
+    configure_logging(settings.log_level)
     from app.predictor import load_predictor
 
     # Load before listening: a missing, corrupt or incompatible checkpoint is a one-line error.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -245,10 +246,21 @@ def app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
+def configure_logging(level: str) -> None:
+    """The service's log format, for the CLI's process and each worker process it spawns."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def worker_app_from_env() -> FastAPI:
     """Factory for one of several worker processes: settings from APP_*; it starts listening
     once its model is warm (see `create_app`)."""
-    return create_app(Settings(), ready_before_serving=True)
+    settings = Settings()
+    configure_logging(settings.log_level)  # a spawned process starts with logging unset
+    return create_app(settings, ready_before_serving=True)
 
 
 def state_of(app: Any) -> ServingState:

@@ -128,6 +128,9 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         while not all(_listening(w, port) for w in _workers(process.pid)):  # both warm
             assert time.time() < deadline, log.read_text()
             time.sleep(0.3)
+        # Each spawned worker logs like the single process does (it used to log nothing of
+        # its own: logging was configured in the parent only).
+        assert log.read_text().count("INFO app: serving") == 2, log.read_text()
         # Each process listens on its own socket (SO_REUSEPORT): connections opened together
         # spread over both, instead of all going to whichever process woke first.
         spread = _spread_of_connections(process.pid, port, 16)
