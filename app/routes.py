@@ -280,10 +280,6 @@ async def health(state: State, response: Response) -> Health:
     )
 
 
-# Some monitors and load balancers probe with HEAD: the same answer, without a body.
-ops.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
-
-
 @ops.get(
     "/model",
     response_model=ModelInfo,
@@ -328,3 +324,9 @@ async def model_info(state: State) -> ModelInfo:
 @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(state: State) -> Response:
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# Some monitors and load balancers probe with HEAD: the same answer, without a body.
+for _path, _endpoint in (("/health", health), ("/model", model_info), ("/metrics", metrics)):
+    ops.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+page.add_api_route("/", index, methods=["HEAD"], include_in_schema=False)

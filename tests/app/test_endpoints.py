@@ -72,9 +72,11 @@ def assert_healthy(client: TestClient) -> None:
 # ---- /health, /model, /docs --------------------------------------------------------------------
 
 
-def test_health_answers_head_probes(client: TestClient) -> None:
-    response = client.head("/health")
+@pytest.mark.parametrize("path", ["/health", "/model", "/metrics", "/"])
+def test_get_endpoints_answer_head_probes(client: TestClient, path: str) -> None:
+    response = client.head(path)
     assert response.status_code == 200 and response.content == b""
+    assert response.headers["content-type"] == client.get(path).headers["content-type"]
 
 
 def test_health_names_the_served_model(client: TestClient, artifact: Path) -> None:
