@@ -146,6 +146,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/last.pt")
+    if not _looks_like_torch_save(path):  # a README, an image, a model.json: say so plainly
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: torch.save did not write it; pass a last.pt "
+            "or best.pt written by python -m training.run"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns before it refuses; the error says it all
@@ -168,6 +173,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         hint="pass a last.pt or best.pt written by python -m training.run",
     )  # fmt: skip
     return ckpt
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before PyTorch 1.6, a pickle stream); a file that
+    is neither would only meet a misleading refusal inside torch.load."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # let torch.load report it
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def check_header(data: Any, path: Path, fmt: str, version: int, *, what: str, hint: str) -> None:

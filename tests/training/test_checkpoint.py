@@ -188,6 +188,16 @@ def test_corrupt_checkpoint(tmp_path: Path) -> None:
     _one_line_error(path, str(path), "not a readable checkpoint")
 
 
+def test_a_file_torch_did_not_write_is_named_as_such(tmp_path: Path) -> None:
+    """A README or a model.json passed as a checkpoint used to be refused for holding
+    'pickled Python objects', which it does not."""
+    for name, data in (("README.md", b"# notes\n"), ("model.json", b'{"format": 1}')):
+        path = tmp_path / name
+        path.write_bytes(data)
+        message = _one_line_error(path, "torch.save did not write it")
+        assert "pickled" not in message
+
+
 def test_truncated_checkpoint(run_dir: Path, model_checkpoint: Path) -> None:
     path = run_dir / "truncated.pt"
     data = model_checkpoint.read_bytes()
