@@ -3,10 +3,13 @@ APP_* environment variable; see `python -m app --help`."""
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 
 import uvicorn
 from pydantic import ValidationError
@@ -14,6 +17,8 @@ from pydantic import ValidationError
 from app import workers
 from app.settings import Settings
 from training.errors import UserError
+
+log = logging.getLogger("app")
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -27,6 +32,18 @@ def _one_line(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each APP_* variable that is no setting: a typo would otherwise be silently
+    ignored (a warning, not an error: a deployment may hold other APP_* variables)."""
+    names = [f"APP_{name.upper()}" for name in Settings.model_fields]
+    lines = []
+    for key in sorted(k for k in environ if k.startswith("APP_") and k not in names):
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"{key} is not a setting of this service and is ignored{hint}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
@@ -36,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from app.main import configure_logging, create_app  # deferred: --help answers fast
 
     configure_logging(settings.log_level)
+    for line in unknown_variables(os.environ):
+        log.warning(line)
     from app.predictor import load_predictor
 
     # Load before listening: a missing, corrupt or incompatible checkpoint is a one-line error.

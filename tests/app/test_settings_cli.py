@@ -290,3 +290,15 @@ def test_python_m_app_refuses_a_broken_artifact_before_listening(
     assert "Uvicorn running" not in result.stderr + result.stdout
     missing = run_cli("-m", "app", "--checkpoint", tmp_path / "nothing", "--device", "cpu")
     assert_one_line_error(missing, "does not exist")
+
+
+def test_an_unknown_app_variable_is_named_with_the_setting_it_resembles() -> None:
+    from app.cli import unknown_variables
+
+    lines = unknown_variables(
+        {"APP_MAX_QUEU": "5", "APP_ENV": "prod", "APP_PORT": "8000", "HOME": "/root"}
+    )
+    assert lines == [
+        "APP_ENV is not a setting of this service and is ignored",
+        "APP_MAX_QUEU is not a setting of this service and is ignored; did you mean APP_MAX_QUEUE?",
+    ]
