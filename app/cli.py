@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from app import workers
 from app.settings import Settings
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
     except ValidationError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a flag argparse does not know, or one missing its value
+        detail = str(exc).removeprefix("error parsing CLI: ")
+        print(f"error: {detail}; see python -m app --help", file=sys.stderr)
         return 2
     from app.main import configure_logging, create_app  # deferred: --help answers fast
 

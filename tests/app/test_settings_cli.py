@@ -160,6 +160,8 @@ def test_help_lists_the_flags_and_their_variables() -> None:
         (["--device", "tpu"], ["--device", "tpu"]),
         (["--precision", "fp16"], ["--precision"]),
         (["--port", "70000"], ["--port"]),
+        (["--max-queu", "5"], ["unrecognized arguments: --max-queu 5", "--help"]),  # a typo
+        (["--workers"], ["--workers", "expected one argument"]),
     ],
 )
 def test_an_invalid_flag_is_one_line(args: list[str], fragments: list[str]) -> None:
