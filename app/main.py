@@ -216,6 +216,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and str(exc.detail).startswith("Too many files"):
+            # The form parser's own ceiling (1000 parts), above any APP_MAX_BATCH_FILES: the
+            # same answer as a batch over that setting.
+            return _error(413, "too_many_files", f"{exc.detail} Send fewer per call.")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

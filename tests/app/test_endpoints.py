@@ -366,6 +366,12 @@ def test_bad_request_to_predict(
             id="too-many-files",
         ),
         pytest.param(
+            {"files": images.uploads(*[b"x"] * 1001)},  # past the form parser's own ceiling
+            413,
+            "too_many_files",
+            id="over-the-parser-limit",
+        ),
+        pytest.param(
             {"files": [*images.uploads(images.png()), ("file", ("a.png", images.png(), "x/y"))]},
             422,
             "unexpected_field",
