@@ -145,6 +145,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
+        if (path / "model.json").is_file():  # artifact.INDEX_NAME (artifact imports this module)
+            raise CheckpointError(
+                f"{path} is an exported model folder, not a training checkpoint; pass a run's "
+                "last.pt or best.pt"
+            )
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/last.pt")
     if not _looks_like_torch_save(path):  # a README, an image, a model.json: say so plainly
         raise CheckpointError(

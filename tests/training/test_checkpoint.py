@@ -198,6 +198,11 @@ def test_a_file_torch_did_not_write_is_named_as_such(tmp_path: Path) -> None:
         assert "pickled" not in message
 
 
+def test_an_exported_model_folder_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "model.json").write_text("{}")
+    _one_line_error(tmp_path, "is an exported model folder, not a training checkpoint")
+
+
 def test_truncated_checkpoint(run_dir: Path, model_checkpoint: Path) -> None:
     path = run_dir / "truncated.pt"
     data = model_checkpoint.read_bytes()
