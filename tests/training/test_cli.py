@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import assert_one_line_error, cli_env, run_cli
+from tests.helpers import (
+    assert_one_line_error,
+    cli_env,
+    folder_locked_by_another_process,
+    run_cli,
+)
 from training.checkpoint import load_checkpoint
 from training.trainer import RunResult
 
@@ -90,17 +93,7 @@ def test_a_ddp_run_refused_by_rank_0_stops_every_rank_with_its_message(
     with a gloo traceback once rank 0 had left."""
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import fcntl, os, time\n"
-            f"fd = os.open({str(out)!r}, os.O_RDONLY)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('held', flush=True); time.sleep(300)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with folder_locked_by_another_process(out):
         result = run_cli(
             "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
             "-m", "training.run", "--data-dir", image_tree, "--device", "cpu", "--epochs", "1",
@@ -108,9 +101,6 @@ def test_a_ddp_run_refused_by_rank_0_stops_every_rank_with_its_message(
             timeout=300,
             env=cli_env(OMP_NUM_THREADS="1"),
         )  # fmt: skip
-    finally:
-        holder.kill()
-        holder.wait()
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("is in use by another training process") == 2, output[-3000:]  # a rank each

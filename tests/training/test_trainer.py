@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import make_image_tree, tiny_config
+from tests.helpers import folder_locked_by_another_process, make_image_tree, tiny_config
 from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_atomic
 from training.data import load_data
 from training.engine import Precision, accuracy_report, predict
@@ -387,23 +385,10 @@ def test_resume_removes_half_written_checkpoints_of_a_killed_process(
 def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run_dir: Path) -> None:
     """Two processes in one folder would overwrite each other's checkpoints in turn."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import fcntl, os, time\n"
-            f"fd = os.open({str(run_dir)!r}, os.O_RDONLY)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('held', flush=True); time.sleep(120)\n"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with folder_locked_by_another_process(run_dir):
         with pytest.raises(UserError, match=r"in use by another training process; wait"):
             train(tiny_config("seed", image_tree, run_dir, epochs=1))
         assert not (run_dir / "last.pt").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     # The lock went with its process: no stale lock to clean up.
     result = train(tiny_config("seed", image_tree, run_dir, epochs=1))
     assert result.last.exists() and result.test["accuracy"] >= 0
