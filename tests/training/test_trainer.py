@@ -21,6 +21,7 @@ from training.engine import Precision, accuracy_report, predict
 from training.errors import UserError
 from training.model import AlexNet, AlexNetConfig
 from training.preprocess import InputTransform, Preprocessing
+from training.recipes import TrainConfig
 from training.runtime import Distributed
 from training.trainer import RunResult, TrainHooks, _precision, _use_graphs, train
 
@@ -200,6 +201,15 @@ class Interrupt:
         return TrainHooks(on_step=self.on_step, on_epoch_end=self.on_epoch_end)
 
 
+def stopped_after_epoch_1(image_tree: Path, run_dir: Path, epochs: int) -> TrainConfig:
+    """A `seed` run of `epochs` epochs in `run_dir`, stopped by Ctrl-C after its first; its
+    configuration, to resume it with."""
+    config = tiny_config("seed", image_tree, run_dir, epochs=epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    return config
+
+
 @pytest.mark.parametrize(
     "interrupt",
     [Interrupt(epoch=1), Interrupt(epoch=2, step=1)],
@@ -286,9 +296,7 @@ def test_a_stop_during_the_final_evaluation_keeps_the_checkpoints_and_resumes(
 def test_resume_without_the_runs_best_pt_stops_before_training(
     image_tree: Path, run_dir: Path
 ) -> None:
-    config = tiny_config("seed", image_tree, run_dir, epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, hooks=Interrupt(epoch=1).hooks())
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
     moved = run_dir / "moved"
     moved.mkdir()
     shutil.copy(run_dir / "last.pt", moved / "last.pt")  # without best.pt
@@ -370,9 +378,7 @@ def test_resume_keeps_the_best_record_to_what_best_pt_holds(
 def test_resume_removes_half_written_checkpoints_of_a_killed_process(
     image_tree: Path, run_dir: Path
 ) -> None:
-    config = tiny_config("seed", image_tree, run_dir, epochs=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, hooks=Interrupt(epoch=1).hooks())
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=2)
     stale = [run_dir / ".last.pt.99999.tmp", run_dir / ".best.pt.99998.tmp"]
     for path in stale:
         path.write_bytes(b"half a checkpoint")  # what SIGKILL mid-write leaves
@@ -397,9 +403,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
 def test_resume_refuses_changed_settings(
     image_tree: Path, run_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    config = tiny_config("seed", image_tree, run_dir, epochs=2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, hooks=Interrupt(epoch=1).hooks())
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=2)
     last = run_dir / "last.pt"
     changed = tiny_config("seed", image_tree, run_dir, lr=0.1, epochs=3)
     with pytest.raises(UserError, match=r"--epochs, --lr cannot change when resuming"):
