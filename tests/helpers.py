@@ -135,8 +135,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 
 @contextmanager
 def folder_locked_by_another_process(folder: Path) -> Iterator[None]:
-    """Another process holds `folder`'s training lock (a flock on the folder) until the block
-    ends, as a concurrent run would."""
+    """Another process holds `folder`'s lock (a flock on the folder) until the block ends, as
+    a concurrent training run or export would."""
     holder = subprocess.Popen(
         [sys.executable, "-c", (
             "import fcntl, os, time\n"

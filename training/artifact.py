@@ -4,7 +4,9 @@ either it or a full training checkpoint for inference.
 Layout of an artifact folder:
     model.json                          index + everything the app needs (classes, preprocessing,
                                         accuracy, recipe), and the sha256 of every shard
-    model-00001-of-0000N.safetensors    tensors, each shard at most 15 MiB (fits a git host)
+    model-00001-of-0000N-<sha>.safetensors  tensors, each shard at most 15 MiB (fits a git
+                                        host), named for its content (the first 12 hex
+                                        digits of its sha256)
 
 Conv and linear weights are quantized per output channel, symmetric int8 (weight-only): the
 model is dequantized to float32 at load, so inference code is the same for both formats.
@@ -15,34 +17,50 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from training.checkpoint import (
     CheckpointError,
-    build_model,
     check_header,
     load_checkpoint,
+    load_weights,
     preprocessing_of,
+    state_dict_of,
 )
 from training.errors import UserError
-from training.model import ARCHITECTURE, AlexNet, AlexNetConfig
+from training.metadata import (
+    MetadataError,
+    accuracy_report,
+    class_names,
+    last_val_acc,
+    model_config,
+    non_finite,
+    optional,
+)
+from training.model import ARCHITECTURE, AlexNet, fits_input
 from training.preprocess import Preprocessing
+from training.runlock import folder_lock
 
 ARTIFACT_FORMAT = "alexnet-serve/artifact"
 ARTIFACT_VERSION = 1
 INDEX_NAME = "model.json"
 MAX_SHARD_BYTES = 15 * 1024 * 1024
 QUANTIZATION = "int8 weight-only, symmetric, per output channel (conv and linear weights)"
+# Ours to replace in an artifact folder (the -<sha> suffix is absent from older exports).
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{12})?\.safetensors")
+STAGING_PREFIX = ".export-"
 
 
 def sha256_file(path: Path) -> str:
@@ -126,8 +144,8 @@ def export_artifact(
 ) -> ExportResult:
     """Write the artifact for a training checkpoint into `out_dir` (replacing an older one).
 
-    Written into a temporary folder beside `out_dir`, then swapped in, so a failed export never
-    leaves a half-written artifact behind.
+    Written into a temporary folder, then swapped in (see `staged_artifact`), so a failed
+    export never leaves a half-written artifact behind.
     """
     with staged_artifact(ckpt, out_dir, extra=extra, max_shard_bytes=max_shard_bytes) as staged:
         files, total = staged.files, staged.total_bytes
@@ -142,10 +160,56 @@ def staged_artifact(
     extra: dict[str, Any] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Iterator[ExportResult]:
-    """Write the artifact into a temporary folder beside `out_dir` and yield it (its `out_dir`
+    """Write the artifact into a temporary folder inside `out_dir` and yield it (its `out_dir`
     is that folder) for checks. It replaces the artifact in `out_dir` when the block ends
-    normally; if the block raises, `out_dir` is left as it was."""
-    state = ckpt["model"]["state_dict"]
+    normally; if the block raises, `out_dir` is left as it was. One export at a time per
+    folder (a lock on it), and a kill at any moment leaves the old artifact or the new one."""
+    out_dir = Path(out_dir)
+    busy = f"{out_dir} is being written by another export; wait for it to end"
+    with ExitStack() as held:
+        with _writing_to(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, early
+            held.enter_context(folder_lock(out_dir, busy))
+            for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
+                shutil.rmtree(stale, ignore_errors=True)
+            # Inside --out: the same file system (a mount point or a symlinked folder too),
+            # so every move below is a rename.
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        held.callback(shutil.rmtree, staging, ignore_errors=True)
+        shards, names, entries = _quantized_shards(ckpt["model"]["state_dict"], max_shard_bytes)
+        with _writing_to(out_dir):
+            files = _write_shards(staging, names, shards, entries)
+            index = {
+                "format": ARTIFACT_FORMAT,
+                "format_version": ARTIFACT_VERSION,
+                "model": {"architecture": ARCHITECTURE, "args": ckpt["model"]["args"]},
+                "classes": ckpt["classes"],
+                "preprocessing": ckpt["preprocessing"],
+                "recipe": ckpt.get("recipe"),
+                "config": ckpt.get("config"),
+                "epoch": ckpt.get("epoch"),
+                "metrics": ckpt.get("metrics"),
+                "best": ckpt.get("best"),
+                "test": ckpt.get("test"),
+                "data": ckpt.get("data"),
+                "versions": ckpt.get("versions"),
+                "quantization": QUANTIZATION,
+                "tensors": entries,
+                "files": files,
+                **(extra or {}),
+            }
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+            total = sum(f["bytes"] for f in files.values()) + (staging / INDEX_NAME).stat().st_size
+        yield ExportResult(staging, files, total)
+        with _writing_to(out_dir):
+            _install(staging, out_dir, list(files))
+
+
+def _quantized_shards(
+    state: dict[str, torch.Tensor], max_shard_bytes: int
+) -> tuple[list[dict[str, torch.Tensor]], list[str], dict[str, dict[str, Any]]]:
+    """The state dict quantized and packed into shards: their tensors, their draft file names,
+    and the index entry of each tensor (dtype, shape, where its parts are)."""
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name, tensor in state.items():
@@ -171,51 +235,56 @@ def staged_artifact(
             ]
             for key in keys
         }
+    return shards, names, entries
 
-    out_dir = Path(out_dir)
-    with _writing_to(out_dir):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+
+def _write_shards(
+    staging: Path,
+    names: list[str],
+    shards: list[dict[str, torch.Tensor]],
+    entries: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Save each shard under its final name (its checksum in it) and point `entries` there."""
+    files: dict[str, dict[str, Any]] = {}
+    final_name: dict[str, str] = {}
+    for draft, shard in zip(names, shards, strict=True):
+        path = staging / draft
+        save_file(shard, str(path), metadata={"format": ARTIFACT_FORMAT})
+        path.chmod(0o644)  # readable by a container's non-root user
+        digest = sha256_file(path)
+        final = draft.removesuffix(".safetensors") + f"-{digest[:12]}.safetensors"
+        files[final] = {"sha256": digest, "bytes": path.stat().st_size}
+        path.rename(staging / final)
+        final_name[draft] = final
+    for entry in entries.values():
+        for parts in entry["parts"].values():
+            for part in parts:
+                part["file"] = final_name[part["file"]]
+    return files
+
+
+def _install(staging: Path, out_dir: Path, shards: list[str]) -> None:
+    """Move the staged artifact into `out_dir` so that a kill at any moment leaves a folder
+    that loads: the new shards go in beside the old ones (their names differ: they carry
+    their checksums), then model.json is replaced in one rename (the switch), and only then
+    are the shards that nothing references any more removed. Files a user put in the folder
+    (a model card) stay."""
+    for name in shards:
+        os.replace(staging / name, out_dir / name)
+    _fsync_dir(out_dir)
+    os.replace(staging / INDEX_NAME, out_dir / INDEX_NAME)
+    _fsync_dir(out_dir)
+    for old in out_dir.iterdir():
+        if SHARD_NAME.fullmatch(old.name) and old.name not in shards:
+            old.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with _writing_to(out_dir):
-            files: dict[str, dict[str, Any]] = {}
-            for file_name, shard in zip(names, shards, strict=True):
-                path = staging / file_name
-                save_file(shard, str(path), metadata={"format": ARTIFACT_FORMAT})
-                path.chmod(0o644)  # readable by a container's non-root user
-                files[file_name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            index = {
-                "format": ARTIFACT_FORMAT,
-                "format_version": ARTIFACT_VERSION,
-                "model": {"architecture": ARCHITECTURE, "args": ckpt["model"]["args"]},
-                "classes": ckpt["classes"],
-                "preprocessing": ckpt["preprocessing"],
-                "recipe": ckpt.get("recipe"),
-                "config": ckpt.get("config"),
-                "epoch": ckpt.get("epoch"),
-                "metrics": ckpt.get("metrics"),
-                "best": ckpt.get("best"),
-                "test": ckpt.get("test"),
-                "data": ckpt.get("data"),
-                "versions": ckpt.get("versions"),
-                "quantization": QUANTIZATION,
-                "tensors": entries,
-                "files": files,
-                **(extra or {}),
-            }
-            (staging / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-            total = sum(f["bytes"] for f in files.values()) + (staging / INDEX_NAME).stat().st_size
-        yield ExportResult(staging, files, total)
-        with _writing_to(out_dir):
-            # Keep a model card or other files a user put in the folder; replace only our files.
-            if out_dir.exists():
-                for old in out_dir.glob("model-*-of-*.safetensors"):
-                    old.unlink()
-            out_dir.mkdir(exist_ok=True)
-            for file_name in [*names, INDEX_NAME]:
-                os.replace(staging / file_name, out_dir / file_name)
+        os.fsync(fd)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
 
 
 @contextmanager
@@ -237,8 +306,8 @@ def read_index(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} has no {INDEX_NAME}; it is not an exported model folder")
     try:
         index = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
     check_header(
         index, path, ARTIFACT_FORMAT, ARTIFACT_VERSION, what="artifact index",
         hint="export one with python -m training.export",
@@ -248,7 +317,52 @@ def read_index(folder: Path) -> dict[str, Any]:
     ]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; re-export the model")
+    try:
+        _check_layout(index)
+    except MetadataError as exc:
+        raise CheckpointError(f"{path}: {exc}; re-export the model") from None
     return index
+
+
+def _check_layout(index: dict[str, Any]) -> None:
+    """The shard table and the tensor table are what `load_artifact_state` walks: check their
+    shape first, so a damaged index is one line, not a KeyError deep inside loading."""
+    files, tensors = index["files"], index["tensors"]
+    if not isinstance(files, dict) or not files:
+        raise MetadataError("'files' is not an object of shard names")
+    for name, meta in files.items():
+        if Path(name).name != name or name in (".", "..") or "\\" in name:
+            # Read only from the folder itself: never a path elsewhere on the disk.
+            raise MetadataError(f"shard {name!r} is not a plain file name in the folder")
+        if not (
+            isinstance(meta, dict)
+            and isinstance(meta.get("sha256"), str)
+            and isinstance(meta.get("bytes"), int)
+            and not isinstance(meta.get("bytes"), bool)
+        ):
+            raise MetadataError(f"'files.{name}' needs a sha256 (string) and bytes (integer)")
+    if not isinstance(tensors, dict) or not tensors:
+        raise MetadataError("'tensors' is not an object of tensor names")
+    for name, entry in tensors.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in entry["shape"])
+            and isinstance(entry.get("parts"), dict)
+        ):
+            raise MetadataError(f"'tensors.{name}' needs a shape (integers) and parts")
+        roles = ("int8", "scale") if entry.get("dtype") == "int8" else ("value",)
+        for role in roles:
+            parts = entry["parts"].get(role)
+            if not isinstance(parts, list) or not parts:
+                raise MetadataError(f"'tensors.{name}.parts.{role}' is missing or empty")
+            for part in parts:
+                if not isinstance(part, dict) or part.get("file") not in files:
+                    raise MetadataError(
+                        f"'tensors.{name}.parts.{role}' names a shard that 'files' does not list"
+                    )
+                if not isinstance(part.get("key"), str):
+                    raise MetadataError(f"'tensors.{name}.parts.{role}' lacks a tensor key")
 
 
 def verify_files(folder: Path, index: dict[str, Any]) -> None:
@@ -271,7 +385,8 @@ def load_artifact_state(folder: Path, index: dict[str, Any]) -> dict[str, torch.
     shards: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for file_name in index["files"]:
-            shards[file_name] = load_file(str(Path(folder) / file_name))
+            # From bytes, not a path: safetensors takes only UTF-8 paths, a folder may not be.
+            shards[file_name] = load_safetensors((Path(folder) / file_name).read_bytes())
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read a shard in {folder}: {exc}") from None
 
@@ -290,6 +405,8 @@ def load_artifact_state(folder: Path, index: dict[str, Any]) -> dict[str, torch.
             raise CheckpointError(
                 f"{folder}: tensor {name} is incomplete ({exc} missing)"
             ) from None
+        except RuntimeError as exc:  # pieces that do not fit together
+            raise CheckpointError(f"{folder}: tensor {name} cannot be rebuilt: {exc}") from None
         if list(value.shape) != entry["shape"]:
             raise CheckpointError(
                 f"{folder}: tensor {name} has shape {list(value.shape)}, expected {entry['shape']}"
@@ -313,45 +430,75 @@ def _round(value: float | None) -> float | None:
 
 
 def load_for_inference(path: Path) -> InferenceModel:
-    """A training checkpoint file (last.pt/best.pt) or an artifact folder (or its model.json)."""
+    """A training checkpoint file (last.pt/best.pt) or an artifact folder (or its model.json).
+    Everything the app will serve from it is checked here, the metadata before the weights
+    are read: a damaged file is one error line."""
     path = Path(path)
     if path.is_dir() or path.name == INDEX_NAME:
         folder = path if path.is_dir() else path.parent
         index = read_index(folder)
-        model = AlexNet(AlexNetConfig.from_dict(index["model"]["args"]))
-        try:
-            model.load_state_dict(load_artifact_state(folder, index))
-        except RuntimeError as exc:
-            raise CheckpointError(f"{folder}: weights do not fit the network: {exc}") from None
-        kind, checksum, source = "artifact", sha256_file(folder / INDEX_NAME), index
-    else:
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt)
-        kind, checksum, source = "training-checkpoint", sha256_file(path), ckpt
-    classes = list(source["classes"])
-    if len(classes) != model.config.num_classes:
-        raise CheckpointError(
-            f"{path}: {len(classes)} class names for {model.config.num_classes} outputs"
+        served = _described(index, "artifact", sha256_file(folder / INDEX_NAME), path)
+        load_weights(served.model, load_artifact_state(folder, index), folder)
+        return _finite(served, path)
+    return checkpoint_for_inference(load_checkpoint(path), path)
+
+
+def checkpoint_for_inference(ckpt: dict[str, Any], path: Path) -> InferenceModel:
+    """The model of a loaded training checkpoint, checked as `load_for_inference` checks."""
+    served = _described(ckpt, "training-checkpoint", sha256_file(path), path)
+    load_weights(served.model, state_dict_of(ckpt), path)
+    return _finite(served, path)
+
+
+def _refused(path: Path, exc: MetadataError, kind: str) -> CheckpointError:
+    hint = "re-export it" if kind == "artifact" else "train it again or pass another"
+    return CheckpointError(f"{path}: {exc}; {hint}")
+
+
+def _finite(served: InferenceModel, path: Path) -> InferenceModel:
+    broken = non_finite(served.model.state_dict())
+    if broken is not None:
+        raise _refused(
+            path,
+            MetadataError(f"{broken} holds NaN or infinite values (a run that diverged?)"),
+            served.info["format"],
         )
-    model.eval()
-    best = source.get("best") or {}
-    metrics = source.get("metrics") or []
-    # An artifact's own accuracy (measured after quantization, at export) takes precedence.
-    measured = source.get("export", {}).get("test") if kind == "artifact" else None
-    test = measured or source.get("test") or {}
-    info = {
-        "path": str(path),
-        "format": kind,
-        "sha256": checksum,
-        "architecture": ARCHITECTURE,
-        "model_args": dict(source["model"]["args"]),
-        "recipe": source.get("recipe"),
-        "epoch": source.get("epoch"),
-        "validation_accuracy": _round(metrics[-1]["val_acc"]) if metrics else None,
-        "best_validation": best or None,
-        "test_accuracy": _round(test.get("accuracy")),
-        "test_per_class": test.get("per_class"),
-        "checkpoint_test_accuracy": _round((source.get("test") or {}).get("accuracy")),
-        "quantization": source.get("quantization") if kind == "artifact" else None,
-    }
-    return InferenceModel(model, classes, preprocessing_of(source), info)
+    served.model.eval()
+    return served
+
+
+def _described(source: dict[str, Any], kind: str, checksum: str, path: Path) -> InferenceModel:
+    """The network (its weights not loaded yet) and everything the app reports about it."""
+    try:
+        config = model_config(source["model"])
+        classes = class_names(source.get("classes"), config.num_classes)
+        preprocessing = preprocessing_of(source)
+        if not fits_input(preprocessing.input_size):
+            raise MetadataError(
+                f"'preprocessing.input_size' {preprocessing.input_size} does not fit the "
+                "network (227 does)"
+            )
+        best = optional(source, "best", dict) or {}
+        # An artifact's own accuracy (measured after quantization, at export) comes first.
+        export = (optional(source, "export", dict) or {}) if kind == "artifact" else {}
+        measured = accuracy_report(export.get("test"), "export.test")
+        recorded = accuracy_report(source.get("test"), "test")
+        test = measured or recorded
+        info = {
+            "path": str(path),
+            "format": kind,
+            "sha256": checksum,
+            "architecture": ARCHITECTURE,
+            "model_args": dict(source["model"]["args"]),
+            "recipe": optional(source, "recipe", str),
+            "epoch": optional(source, "epoch", int),
+            "validation_accuracy": _round(last_val_acc(source.get("metrics"))),
+            "best_validation": best or None,
+            "test_accuracy": _round(test.get("accuracy")),
+            "test_per_class": test.get("per_class"),
+            "checkpoint_test_accuracy": _round(recorded.get("accuracy")),
+            "quantization": optional(source, "quantization", str) if kind == "artifact" else None,
+        }
+    except MetadataError as exc:
+        raise _refused(path, exc, kind) from None
+    return InferenceModel(AlexNet(config), classes, preprocessing, info)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from training.errors import UserError
+from training.metadata import MetadataError, model_config
 from training.model import ARCHITECTURE, AlexNet, AlexNetConfig
 from training.preprocess import Preprocessing
 
@@ -201,7 +202,8 @@ def check_header(data: Any, path: Path, fmt: str, version: int, *, what: str, hi
         raise CheckpointError(
             f"{path} has format version {data.get('format_version')}, this code reads version {version}"
         )
-    architecture = (data.get("model") or {}).get("architecture")
+    model = data.get("model")
+    architecture = model.get("architecture") if isinstance(model, dict) else None
     if architecture != ARCHITECTURE:
         raise CheckpointError(
             f"{path} holds architecture {architecture!r}, expected {ARCHITECTURE!r}"
@@ -210,12 +212,32 @@ def check_header(data: Any, path: Path, fmt: str, version: int, *, what: str, hi
 
 def build_model(ckpt: dict[str, Any]) -> AlexNet:
     """Rebuild the network from a checkpoint's model section and load its weights (strict)."""
-    model = AlexNet(AlexNetConfig.from_dict(ckpt["model"]["args"]))
     try:
-        model.load_state_dict(ckpt["model"]["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not fit the network: {exc}") from None
+        model = AlexNet(model_config(ckpt["model"]))
+    except MetadataError as exc:
+        raise CheckpointError(f"the checkpoint's {exc}") from None
+    load_weights(model, state_dict_of(ckpt), "checkpoint")
     return model
+
+
+def state_dict_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = ckpt["model"].get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError("the checkpoint holds no weights (model.state_dict)")
+    return state
+
+
+def load_weights(model: AlexNet, state: dict[str, torch.Tensor], where: Any) -> None:
+    """`model.load_state_dict(state)` (strict); a mismatch is one line naming the tensors."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        # torch lists one problem per line: keep them, on one line, within reason.
+        problems = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip())
+        problems = problems or str(exc)
+        if len(problems) > 300:
+            problems = problems[:300] + " ..."
+        raise CheckpointError(f"{where}: the weights do not fit the network: {problems}") from None
 
 
 def model_section(state_dict: dict[str, torch.Tensor], config: AlexNetConfig) -> dict[str, Any]:
@@ -226,4 +248,4 @@ def preprocessing_of(ckpt: dict[str, Any]) -> Preprocessing:
     try:
         return Preprocessing.from_dict(ckpt["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint preprocessing is unusable: {exc}") from None
+        raise MetadataError(f"'preprocessing' is unusable: {exc}") from None

@@ -154,6 +154,14 @@ def list_image_folder(
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise UserError(f"{root} has no class folders; expected {root}/<class>/<image>")
+    for name in found:
+        try:
+            name.encode("utf-8")  # class names go into checkpoints, JSON answers and plots
+        except UnicodeEncodeError:
+            raise UserError(
+                f"class folder {name.encode('utf-8', 'surrogateescape')!r} in {root} is not "
+                "valid UTF-8; rename it"
+            ) from None
     if classes is not None and found != classes:
         raise UserError(f"{root} has classes {found}, but the training set has {classes}")
     extensions = image_extensions()

@@ -130,5 +130,14 @@ def _conv_block(
     return nn.Sequential(*layers)
 
 
+def fits_input(size: int) -> bool:
+    """Whether a size x size input reaches fc1 as the 6x6 map it was built for (227 does;
+    the notebook's arithmetic: conv1 11/4 -> 55, pools 3/2 -> 27 -> 13 -> 6)."""
+    side = (size - 11) // 4 + 1 if size >= 11 else 0
+    for _ in range(3):  # the max-pools after blocks 1, 2 and 5; the other convs keep the size
+        side = (side - 3) // 2 + 1 if side >= 3 else 0
+    return side == 6
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -11,6 +11,7 @@ Two stages, split where the batch forms:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,7 @@ from torch import nn
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+MAX_SIZE = 4096  # pixels per side, for either stage: a bound on what a model file may ask for
 
 # PIL modes that carry transparency; they are flattened onto white, the way a browser shows them.
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -47,8 +49,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         prep = cls(
-            source_size=int(data["source_size"]),
-            input_size=int(data["input_size"]),
+            source_size=_whole(data["source_size"], "source_size"),
+            input_size=_whole(data["input_size"], "input_size"),
             mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
             downscale=str(data.get("downscale", cls.downscale)),
@@ -59,7 +61,22 @@ class Preprocessing:
                 f"unsupported preprocessing {prep.downscale!r}/{prep.upscale!r}; "
                 f"this version implements {cls.downscale!r}/{cls.upscale!r}"
             )
+        for name in ("source_size", "input_size"):
+            if not 1 <= getattr(prep, name) <= MAX_SIZE:
+                raise ValueError(f"{name} is {getattr(prep, name)}, not in 1..{MAX_SIZE}")
+        for name in ("mean", "std"):
+            values = getattr(prep, name)
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be 3 finite numbers (R, G, B), not {list(values)}")
+        if min(prep.std) <= 0:
+            raise ValueError(f"std must be positive, not {list(prep.std)}")
         return prep
+
+
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number of pixels, not {value!r}")
+    return value
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -238,7 +238,7 @@ def test_weights_that_do_not_fit(model_checkpoint: Path) -> None:
     ckpt["model"]["args"]["num_classes"] = 10
     with pytest.raises(CheckpointError, match="do not fit the network"):
         build_model(ckpt)
-    with pytest.raises(CheckpointError, match="preprocessing is unusable"):
+    with pytest.raises(UserError, match="'preprocessing' is unusable"):
         preprocessing_of({"preprocessing": {"source_size": 32}})
 
 

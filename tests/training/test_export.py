@@ -90,11 +90,11 @@ def test_a_staged_artifact_that_fails_its_checks_leaves_the_folder_as_it_was(
     export_artifact(ckpt, out, max_shard_bytes=8 * 1024 * 1024)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(RuntimeError, match="rejected"), staged_artifact(ckpt, out) as staged:
-        assert staged.out_dir.parent == out.parent and staged.out_dir != out
+        assert staged.out_dir.parent == out  # the same file system: installs are renames
         assert load_for_inference(staged.out_dir).classes == ckpt["classes"]  # checkable
         raise RuntimeError("rejected")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no staging folder left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
 @pytest.mark.slow
@@ -121,17 +121,6 @@ def test_export_and_evaluate_command_lines(
         export["full_precision_test_accuracy"] - export["test"]["accuracy"]
     )
     assert 0 <= export["top1_disagreements"] <= 6 and export["evaluated_with"] == "fp32 on cpu"
-
-    # An export that fails its accuracy check is refused, and the folder keeps what it served.
-    served = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = run_cli(
-        "-m", "training.export", seed_run.best, "--out", out, "--data-dir", image_tree,
-        "--device", "cpu", "--max-drop", "-101",
-    )  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    error = result.stderr.strip().splitlines()[-1]  # after the progress log of the evaluation
-    assert error.startswith("error: the artifact loses") and "left as it was" in error, error
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == served
 
     predictions = tmp_path / "predictions.json"
     result = run_cli(
@@ -164,10 +153,11 @@ def test_export_and_evaluate_refuse_unusable_paths_in_one_line(
     for out in (a_file, a_file / "sub"):
         result = run_cli("-m", "training.export", seed_run.last, "--out", out)
         assert_one_line_error(result, "cannot write the artifact to", "choose another --out")
-    result = run_cli(
-        "-m", "training.export", seed_run.last, "--out", tmp_path / "w", "--max-drop", "nan"
-    )
-    assert_one_line_error(result, "--max-drop must be a number")
+    for drop in ("nan", "-1"):
+        result = run_cli(
+            "-m", "training.export", seed_run.last, "--out", tmp_path / "w", "--max-drop", drop
+        )  # fmt: skip
+        assert_one_line_error(result, "--max-drop must be 0 or more")
     evaluate = (
         "-m",
         "training.evaluate",

@@ -1,0 +1,156 @@
+"""Installing an export into a folder that may be served: one export at a time, and a kill at
+any moment leaves a folder that loads (the old artifact or the new one, never a mix)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.artifact as artifact_module
+import training.export as export_module
+from tests.app.support import make_checkpoint
+from tests.helpers import folder_locked_by_another_process
+from training.artifact import INDEX_NAME, export_artifact, load_for_inference, staged_artifact
+from training.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def old() -> dict:
+    return make_checkpoint(seed=3)
+
+
+@pytest.fixture(scope="module")
+def new() -> dict:
+    return make_checkpoint(seed=4)
+
+
+def _fc3(folder: Path) -> torch.Tensor:
+    return load_for_inference(folder).model.fc3.weight
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs in the installing code."""
+
+
+@pytest.mark.parametrize("moves_before_kill", [0, 1, 2, 3, 4, 5])
+def test_a_kill_during_install_leaves_the_old_or_the_new_artifact(
+    old: dict,
+    new: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    moves_before_kill: int,
+) -> None:
+    """4 shards and then model.json move in (5 renames); then the old shards are removed."""
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    old_fc3 = _fc3(out)
+    moves = []
+    rename = os.replace
+
+    def replace(src: Path, dst: Path) -> None:
+        if len(moves) == moves_before_kill:
+            raise Killed
+        moves.append(dst)
+        rename(src, dst)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        raise Killed  # after the 5 renames: killed while removing the old shards
+
+    monkeypatch.setattr(artifact_module.os, "replace", replace)
+    monkeypatch.setattr(artifact_module.Path, "unlink", unlink)
+    monkeypatch.setattr(artifact_module.shutil, "rmtree", lambda *a, **k: None)  # no clean-up
+    with pytest.raises(Killed):
+        export_artifact(new, out)
+    monkeypatch.undo()
+    switched = moves_before_kill == 5
+    assert torch.equal(_fc3(out), old_fc3) != switched  # the old artifact, or the new one
+
+    export_artifact(new, out)  # the next export tidies up what the killed one left
+    assert not torch.equal(_fc3(out), old_fc3)
+    names = {p.name for p in out.iterdir()}
+    referenced = set(json.loads((out / INDEX_NAME).read_text())["files"])
+    assert names == referenced | {INDEX_NAME}, names  # no staging folder, no orphan shard
+
+
+def test_after_the_switch_the_new_artifact_loads_and_old_shards_go(
+    old: dict, new: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    old_shards = {p.name for p in out.glob("*.safetensors")}
+    export_artifact(new, out)
+    new_shards = {p.name for p in out.glob("*.safetensors")}
+    assert not old_shards & new_shards  # each name carries its content's checksum
+    assert torch.equal(_fc3(out), load_for_inference(out).model.fc3.weight)
+
+
+def test_an_export_is_refused_while_another_writes_the_folder(old: dict, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with (
+        folder_locked_by_another_process(out),
+        pytest.raises(UserError, match="being written by another export; wait"),
+    ):
+        export_artifact(old, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_staging_folder_is_inside_out_even_through_a_symlink(old: dict, tmp_path: Path) -> None:
+    # A symlinked --out (or a mount point) may sit on another file system than its parent:
+    # staging beside it made the final renames fail after the old shards were deleted.
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    export_artifact(old, link)
+    with staged_artifact(old, link) as staged:
+        assert staged.out_dir.resolve().parent == target.resolve()
+    assert load_for_inference(link).classes == old["classes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
+
+
+def test_a_folder_whose_name_is_not_utf8_exports_and_loads(old: dict, tmp_path: Path) -> None:
+    out = tmp_path / os.fsdecode(b"w\xff")
+    export_artifact(old, out)
+    assert load_for_inference(out).classes == old["classes"]
+
+
+def test_export_refuses_a_file_as_out_before_any_work(
+    old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt_path = tmp_path / "last.pt"
+    torch.save(old, ckpt_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    monkeypatch.setattr(artifact_module, "_pack", lambda *a: pytest.fail("staged anyway"))
+    assert export_module.main([str(ckpt_path), "--out", str(a_file)]) == 2
+    assert "cannot write the artifact to" in capsys.readouterr().err
+
+
+def test_an_export_that_loses_accuracy_is_refused_and_out_kept(
+    old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    ckpt_path = tmp_path / "last.pt"
+    torch.save(old, ckpt_path)
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # The checkpoint scores 50%, the artifact 49.5%: a drop of 0.5 points.
+    report = {"images": 200, "per_class": {}, "confusion": []}
+    reports = iter(
+        [
+            ({**report, "accuracy": 50.0}, torch.zeros(200)),
+            ({**report, "accuracy": 49.5}, torch.zeros(200)),
+        ]
+    )
+    monkeypatch.setattr(export_module, "load_test_split", lambda *a: ([0] * 200, [], None))
+    monkeypatch.setattr(export_module, "evaluate_model", lambda *a, **k: next(reports))
+    code = export_module.main([str(ckpt_path), "--out", str(out), "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "loses 0.50 points of test accuracy (> --max-drop 0.2)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
