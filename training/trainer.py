@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -68,6 +69,14 @@ def _precision(cfg: TrainConfig, device: torch.device) -> Precision:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     return Precision(torch.bfloat16 if bf16 else None, channels_last)
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+class Diverged(UserError):
+    """The loss is no longer a number: resuming would only repeat it."""
 
 
 def _use_graphs(cfg: TrainConfig, device: torch.device, dist_info: Distributed) -> bool:
@@ -387,11 +396,11 @@ def _train(
         ", CUDA graph" if graphs else "",
     )  # fmt: skip
 
-    def stopped() -> None:
+    def stopped(exc: BaseException) -> None:
         """On any exception: what is queued reaches the disk, and the user learns how to go on."""
         if writer is not None:
             writer.close()
-            if last_path.exists():
+            if last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
                 log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
 
     t_start = time.perf_counter()
@@ -423,6 +432,12 @@ def _train(
             if dist_info.enabled:
                 dist.all_reduce(stats)
             loss_sum, correct = stats.tolist()  # waits for the epoch's last step
+            if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop here
+                raise Diverged(
+                    f"the training loss became {loss_sum} in epoch {epoch + 1}: the run diverged "
+                    f"at learning rate {optimizer.param_groups[0]['lr']:g}; start again with a "
+                    "lower --lr (this epoch's weights were not saved)"
+                )
             train_s = time.perf_counter() - t_epoch
             t_val = time.perf_counter()
             val = evaluate(model, transform, data.valid, data.classes,
@@ -463,8 +478,8 @@ def _train(
             if hooks.on_epoch_end:
                 hooks.on_epoch_end(epoch + 1, m)
         train_seconds = time.perf_counter() - t_start
-    except BaseException:
-        stopped()
+    except BaseException as exc:
+        stopped(exc)
         raise
 
     if not dist_info.is_main or writer is None:
@@ -487,9 +502,9 @@ def _train(
         writer.submit(checkpoint(best["epoch"], best_state, False, best_test), best_path)
         log.info(
             "test accuracy %.2f%% (final weights), %.2f%% (best validation, epoch %d); "
-            "%d epochs in %.1fs incl. validation",
-            test["accuracy"], best_test["accuracy"], best["epoch"], cfg.epochs - start_epoch,
-            train_seconds,
+            "%s in %.1fs incl. validation",
+            test["accuracy"], best_test["accuracy"], best["epoch"],
+            _epochs(cfg.epochs - start_epoch), train_seconds,
         )  # fmt: skip
         title = f"AlexNet, recipe {cfg.recipe}"
         report.plot_curves(out_dir / "curves.png", metrics, title)
@@ -515,11 +530,14 @@ def _train(
         # evaluation again and writes everything above anew.
         writer.submit(final_ckpt, last_path, final_ready)
         writer.close()
-        log.info("wrote %s, %s, metrics.jsonl, curves.png, confusion.png", last_path, best_path)
+        log.info(
+            "wrote %s, %s, metrics.jsonl, summary.json, curves.png, confusion.png",
+            last_path, best_path,
+        )  # fmt: skip
         return RunResult(out_dir, last_path, best_path, metrics, test, best_test, train_seconds)
 
     try:
         return _finish()
-    except BaseException:  # Ctrl-C or an error during the test evaluation or the reports
-        stopped()
+    except BaseException as exc:  # Ctrl-C or an error during the test evaluation or the reports
+        stopped(exc)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -398,6 +399,22 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     # The lock went with its process: no stale lock to clean up.
     result = train(tiny_config("seed", image_tree, run_dir, epochs=1))
     assert result.last.exists() and result.test["accuracy"] >= 0
+
+
+def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_good_epoch(
+    image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config("seed", image_tree, run_dir, lr=1e8, epochs=3)  # NaN by epoch 2 here
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError) as caught:
+        train(config)
+    found = re.search(r"the training loss became (nan|inf) in epoch (\d)", str(caught.value))
+    assert found and "lower --lr" in str(caught.value), str(caught.value)
+    assert "--resume" not in caplog.text  # resuming would diverge again
+    diverged = int(found.group(2))
+    if diverged > 1:  # the epochs before it are kept; its own weights are not saved
+        assert load_checkpoint(run_dir / "last.pt")["epoch"] == diverged - 1
+    else:
+        assert not (run_dir / "last.pt").exists()
 
 
 def test_resume_refuses_changed_settings(
