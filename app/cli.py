@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from app import workers
+from app.protocol import guarded_protocol
 from app.settings import Settings
 from training.errors import UserError
 
@@ -76,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_graceful_shutdown": math.ceil(settings.graceful_shutdown_s),
     }
     if settings.workers == 1:
-        uvicorn.run(create_app(settings, predictor), **common)
+        uvicorn.run(
+            create_app(settings, predictor),
+            http=guarded_protocol(settings.read_timeout_s),
+            **common,
+        )
     else:
         del predictor  # each worker process loads its own copy
         os.environ.update(settings.env())

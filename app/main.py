@@ -43,6 +43,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "too_large",
 }
 
@@ -98,6 +99,41 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class ReadTimeout:
+    """Answer 408 (and close) when a request body stalls for `timeout_s`: uvicorn waits for
+    the rest of a body forever, and a client that stops sending (slowly or on purpose) held
+    its connection, its upload buffer and, at shutdown, the graceful-drain time. Only reads
+    of the body are timed: once it is complete, waiting for a disconnect is not."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def timed() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise HTTPException(
+                    408,
+                    f"the request body stalled: nothing arrived for {self.timeout_s:g} s "
+                    "(APP_READ_TIMEOUT_S); send the request again",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        await self.app(scope, timed, send)
 
 
 class CompleteMultipart:
@@ -239,6 +275,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(CompleteMultipart)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ReadTimeout, timeout_s=settings.read_timeout_s)
     # From the routers: FastAPI lists an included router as one opaque entry of app.routes.
     paths = frozenset(route.path for router in (predictions, ops, page) for route in router.routes)
     app.add_middleware(RequestMetrics, metrics=state.metrics, paths=paths)

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
         cli_implicit_flags=True,
         cli_exit_on_error=False,  # a mistyped flag: our one-line error, not argparse's usage
         extra="ignore",
+        # Empty is unset: Compose passes ${APP_THREADS:-} through as an empty string.
+        env_ignore_empty=True,
     )
 
     checkpoint: Path = setting(
@@ -50,6 +52,13 @@ class Settings(BaseSettings):
         "a request not answered within this (decoding, queue, model) gets 504",
         gt=0,
         allow_inf_nan=False,  # a deadline; inf was accepted and shown as null by /model
+    )
+    read_timeout_s: float = setting(
+        10.0,
+        "a client that takes longer to send its request headers, or pauses this long while "
+        "sending a body, gets 408 and is disconnected",
+        gt=0,
+        allow_inf_nan=False,
     )
     max_upload_bytes: int = setting(
         10 * 1024 * 1024, "largest request body in bytes; larger: 413, refused unread", ge=1024

@@ -22,6 +22,9 @@ from typing import Any
 
 import uvicorn
 
+from app.protocol import guarded_protocol
+from app.settings import Settings
+
 log = logging.getLogger("app.workers")
 
 # A worker that dies sooner than this after starting is not restarted: the next one would
@@ -61,7 +64,10 @@ def _serve(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
     warm), then uvicorn on the app built from APP_*."""
     sock = reuseport_socket(host, port)
     exit_cleanly_after_drain()
-    config = uvicorn.Config("app.main:worker_app_from_env", factory=True, **uvicorn_options)
+    protocol = guarded_protocol(Settings().read_timeout_s)  # APP_*, as the supervisor set them
+    config = uvicorn.Config(
+        "app.main:worker_app_from_env", factory=True, http=protocol, **uvicorn_options
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 

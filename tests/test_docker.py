@@ -88,6 +88,9 @@ def test_compose_variables_are_settings_and_the_gpu_runs_two_processes() -> None
         env = COMPOSE["services"][name]["environment"]
         unknown = [k for k in env if k.startswith("APP_") and k[4:].lower() not in fields]
         assert not unknown, f"{name}: no such setting: {unknown}"
+        # Every setting passes through (the Dockerfile fixes where it listens).
+        missing = [f for f in fields - {"host", "port"} if f"APP_{f.upper()}" not in env]
+        assert not missing, f"{name}: not passed through: {missing}"
     # measured: two processes served 2.1x one on an H200; on 2 CPU cores one process of two
     # threads answers a lone request faster
     assert COMPOSE["services"]["api"]["environment"]["APP_WORKERS"] == "${APP_WORKERS:-2}"

@@ -143,6 +143,7 @@ def free_port() -> int:
 MAX_UPLOAD = 200_000
 MAX_BATCH = 16
 START_TIMEOUT_S = 90
+READ_TIMEOUT_S = 2  # short, for the tests of clients that stall
 
 
 @dataclass
@@ -162,7 +163,8 @@ def start_server(artifact: Path, log: Path) -> Server:
         sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
         "--device", "cpu", "--precision", "fp32", "--max-batch-size", str(MAX_BATCH),
         "--max-batch-delay-ms", "300", "--max-upload-bytes", str(MAX_UPLOAD),
-        "--graceful-shutdown-s", "60", "--log-level", "info",
+        "--graceful-shutdown-s", "60", "--read-timeout-s", str(READ_TIMEOUT_S),
+        "--log-level", "info",
     ]  # fmt: skip
     with open(log, "wb") as out:
         process = subprocess.Popen(

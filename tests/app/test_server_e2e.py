@@ -23,6 +23,7 @@ from tests.app.support import (
     CLASSES,
     MAX_BATCH,
     MAX_UPLOAD,
+    READ_TIMEOUT_S,
     Reference,
     Server,
     assert_error,
@@ -160,6 +161,50 @@ def test_vanishing_clients_do_not_break_their_batch_mates(
     again = httpx.post(server.url + "/predict", files=images.upload(uploads[0]), timeout=60)
     assert again.status_code == 200
     assert "Traceback" not in server.output()
+
+
+def _answer_within(sock: socket.socket, seconds: float) -> RawResponse | None:
+    """What the server sends before it closes the connection (None: it closed silently)."""
+    sock.settimeout(seconds)
+    data = b""
+    while chunk := sock.recv(65536):  # socket.timeout here: the server never answered
+        data += chunk
+    if not data:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower(), head
+    return RawResponse(int(head.split(b" ", 2)[1]), body)
+
+
+def _assert_json_error(response: RawResponse | None, status: int, code: str) -> None:
+    assert response is not None and response.status == status, response
+    assert_error(httpx.Response(status, content=response.body, headers=JSON), status, code)
+
+
+def test_clients_that_stall_are_answered_and_disconnected(server: Server) -> None:
+    """uvicorn alone waited for them forever (slowloris): a socket, a buffer and, at shutdown,
+    the graceful-drain time each."""
+    request = raw_request(server.url + "/predict", files=images.upload(images.png(7)))
+    head_end = request.index(b"\r\n\r\n") + 4
+    wait = READ_TIMEOUT_S + 5
+    with connect(server) as silent, connect(server) as slow_head, connect(server) as stalled:
+        slow_head.sendall(request[: head_end // 2])
+        stalled.sendall(request[: head_end + 100])  # the headers and a little of the body
+        assert _answer_within(silent, wait) is None  # a connection that never spoke: closed
+        _assert_json_error(_answer_within(slow_head, wait), 408, "request_timeout")
+        _assert_json_error(_answer_within(stalled, wait), 408, "request_timeout")
+    with connect(server) as endless:
+        endless.sendall(b"GET /health HTTP/1.1\r\nX-Padding: ")
+        for _ in range(40):  # 40 x 4 KiB of one header value, never finished
+            try:
+                endless.sendall(b"a" * 4096)
+            except OSError:  # refused and closed while sending: read the answer
+                break
+        _assert_json_error(_answer_within(endless, wait), 431, "headers_too_large")
+    # Patient clients are not affected: a keep-alive connection, two requests.
+    with httpx.Client(base_url=server.url) as client:
+        for _ in range(2):
+            assert client.get("/health").status_code == 200
 
 
 def test_sigterm_answers_requests_in_flight_then_exits_0(server: Server) -> None:

@@ -50,6 +50,14 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     assert API_KEY not in repr(s)
 
 
+def test_an_empty_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker-compose passes ${APP_THREADS:-} through as an empty string.
+    monkeypatch.setenv("APP_THREADS", "")
+    monkeypatch.setenv("APP_DECODE_THREADS", "")
+    settings = Settings()
+    assert settings.threads is None and settings.decode_threads is None
+
+
 def test_flags_override_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APP_MAX_BATCH_SIZE", "4")
     monkeypatch.setenv("APP_PORT", "9000")
