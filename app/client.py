@@ -11,6 +11,10 @@ python -m app.client evaluate --url http://127.0.0.1:8000 --data-dir DIR
     per-class accuracy and throughput; with --compare PREDICTIONS.json (written by
     `python -m training.evaluate ... --predictions-out`) it counts the images on which
     the server and the offline evaluation disagree.
+
+Exit status of `predict`: 0 when every file got a prediction, 1 when some file did not (its
+line has an "error": the server refused it, or it could not be read), 2 when the command could
+not run (bad arguments, no server).
 """
 
 from __future__ import annotations
@@ -38,6 +42,26 @@ class APIError(Exception):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"HTTP {status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
+
+
+class UnreadableFile(Exception):
+    """A file that could not be read, so it was not sent; `path` and `reason`."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+Failure = APIError | UnreadableFile  # what predict_many gives for a file instead of a prediction
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise UnreadableFile(path, "it is a folder; pass the image files in it") from None
+    except OSError as exc:
+        raise UnreadableFile(path, exc.strerror or str(exc)) from None
 
 
 def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
@@ -92,13 +116,14 @@ class Client:
 
     def predict_many(
         self, paths: Sequence[str | Path], top_k: int = 5, concurrency: int = 16
-    ) -> list[dict[str, Any] | APIError]:
-        """One result per path, in order: a prediction, or the APIError for that file."""
+    ) -> list[dict[str, Any] | Failure]:
+        """One result per path, in order: a prediction, or the APIError (the server refused the
+        file) or UnreadableFile (it was not sent) for that file."""
         return asyncio.run(self._predict_many([Path(p) for p in paths], top_k, concurrency))
 
     async def _predict_many(
         self, paths: list[Path], top_k: int, concurrency: int
-    ) -> list[dict[str, Any] | APIError]:
+    ) -> list[dict[str, Any] | Failure]:
         limit = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(
@@ -106,9 +131,12 @@ class Client:
             transport=self.transport,
         ) as c:  # fmt: skip
 
-            async def one(path: Path) -> dict[str, Any] | APIError:
+            async def one(path: Path) -> dict[str, Any] | Failure:
                 async with limit:
-                    data = await asyncio.to_thread(path.read_bytes)
+                    try:
+                        data = await asyncio.to_thread(_read, path)
+                    except UnreadableFile as exc:
+                        return exc
                     for attempt in range(5):
                         response = await c.post(
                             "/predict", params={"top_k": top_k}, files={"file": (path.name, data)}
@@ -138,9 +166,9 @@ def evaluate(
     results = client.predict_many(paths, top_k=1, concurrency=concurrency)
     seconds = time.perf_counter() - start
     names = [p.relative_to(root).as_posix() for p in paths]
-    errors = {n: str(r) for n, r in zip(names, results, strict=True) if isinstance(r, APIError)}
+    errors = {n: str(r) for n, r in zip(names, results, strict=True) if not isinstance(r, dict)}
     predicted = {
-        n: r["class_id"] for n, r in zip(names, results, strict=True) if not isinstance(r, APIError)
+        n: r["class_id"] for n, r in zip(names, results, strict=True) if isinstance(r, dict)
     }
     correct = [0] * len(classes)
     total = [0] * len(classes)
@@ -175,6 +203,21 @@ def evaluate(
     return report
 
 
+def _predict(client: Client, images: list[Path], top_k: int) -> int:
+    """One JSON line per image, in order; 1 when any image failed, else 0."""
+    results = client.predict_many(images, top_k=top_k)
+    for path, result in zip(images, results, strict=True):
+        body = result if isinstance(result, dict) else {"error": str(result)}
+        print(json.dumps({"file": str(path), **body}))
+    failed = sum(not isinstance(r, dict) for r in results)
+    if failed:
+        print(
+            f'{failed} of {len(images)} files got no prediction (their lines have an "error")',
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
@@ -183,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m app.client", description=__doc__.split("\n\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_predict = sub.add_parser("predict", help="classify image files", parents=[common])
+    p_predict = sub.add_parser(
+        "predict",
+        help="classify image files",
+        description='Print one JSON line per file: its prediction, or an "error" (the server '
+        "refused the file, or it could not be read).",
+        epilog="exit status: 0 when every file got a prediction, 1 when some file did not, "
+        "2 when the command could not run (bad arguments, no server)",
+        parents=[common],
+    )
     p_predict.add_argument("images", nargs="+", type=Path)
     p_predict.add_argument("--top-k", type=int, default=5)
     p_eval = sub.add_parser(
@@ -197,18 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.url, args.api_key)
     try:
         if args.command == "predict":
-            for path, result in zip(
-                args.images, client.predict_many(args.images, top_k=args.top_k), strict=True
-            ):
-                print(
-                    json.dumps(
-                        {
-                            "file": str(path),
-                            **({"error": str(result)} if isinstance(result, APIError) else result),
-                        }
-                    )
-                )
-            return 0
+            return _predict(client, args.images, args.top_k)
         report = evaluate(client, args.data_dir, args.concurrency, args.compare)
     except (UserError, APIError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from app.client import APIError, Client, evaluate
+from app.client import APIError, Client, UnreadableFile, evaluate
 from tests.app.images import jpeg
 from tests.app.support import CLASSES, Server, free_port
 from tests.helpers import assert_one_line_error, run_cli
@@ -121,3 +121,45 @@ def test_classes_in_another_order_are_refused_not_miscounted(
     client = Client("http://test", transport=httpx.MockTransport(handler))
     with pytest.raises(UserError, match="are not the data's"):
         evaluate(client, test_tree)
+
+
+def test_cli_predict_reports_each_unreadable_path_and_predicts_the_others(
+    server: Server, tmp_path: Path
+) -> None:
+    """A missing file or a folder among the arguments gets its own "error" line, as a file the
+    server refuses does; the readable files are still predicted, in argument order."""
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(seed=3))
+    missing = tmp_path / "missing.jpg"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    result = run_cli(
+        "-m", "app.client", "predict", good, missing, folder, good, "--url", server.url
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(p) for p in (good, missing, folder, good)]
+    assert lines[0]["label"] in CLASSES and lines[3] == lines[0]
+    assert lines[1]["error"] == f"cannot read {missing}: No such file or directory"
+    assert lines[2]["error"] == f"cannot read {folder}: it is a folder; pass the image files in it"
+    assert result.returncode == 1
+    assert result.stderr.strip() == '2 of 4 files got no prediction (their lines have an "error")'
+
+    results = Client(server.url).predict_many([missing, good])  # the same from Python
+    assert isinstance(results[0], UnreadableFile) and results[0].path == missing
+    assert {"file": str(good), **results[1]} == lines[0]
+
+
+def test_cli_predict_exits_1_when_the_server_refuses_a_file(server: Server, tmp_path: Path) -> None:
+    """Scripts can tell: the exit status is 0 only when every file got a prediction (see
+    test_cli_predict_prints_json_lines), 1 when the server refused one; --help says so."""
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(seed=4))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    result = run_cli("-m", "app.client", "predict", good, notes, "--url", server.url)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "top_k" in lines[0] and lines[1]["error"].startswith("HTTP 415 not_an_image")
+    usage = run_cli("-m", "app.client", "predict", "--help")
+    assert usage.returncode == 0 and "1 when some file did not" in " ".join(usage.stdout.split())
