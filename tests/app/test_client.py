@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from app.client import APIError, Client, UnreadableFile, evaluate
+from app.client import APIError, Client, UnreadableFile, evaluate, main
 from tests.app.images import jpeg
 from tests.app.support import CLASSES, Server, free_port
 from tests.helpers import assert_one_line_error, run_cli
@@ -163,3 +163,108 @@ def test_cli_predict_exits_1_when_the_server_refuses_a_file(server: Server, tmp_
     assert "top_k" in lines[0] and lines[1]["error"].startswith("HTTP 415 not_an_image")
     usage = run_cli("-m", "app.client", "predict", "--help")
     assert usage.returncode == 0 and "1 when some file did not" in " ".join(usage.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("option", "content", "message"),
+    [
+        pytest.param(
+            "--concurrency", "0", "--concurrency must be at least 1, not 0", id="concurrency-0"
+        ),
+        pytest.param(
+            "--concurrency",
+            "-3",
+            "--concurrency must be at least 1, not -3",
+            id="concurrency-negative",
+        ),
+        pytest.param(
+            "--compare", "notes, not JSON", "is not JSON (Expecting value", id="compare-text"
+        ),
+        pytest.param(
+            "--compare",
+            b"\xff\xfe binary",
+            "is not JSON ('utf-8' codec can't decode",
+            id="compare-binary",
+        ),
+        pytest.param("--compare", None, "cannot read --compare", id="compare-missing"),
+        pytest.param(
+            "--compare", [0, 1], "holds a list; expected {image name: class id}", id="compare-list"
+        ),
+        pytest.param(
+            "--compare",
+            {"test/cat/0.jpg": "cat"},
+            "maps 'test/cat/0.jpg' to \"cat\", not a class",
+            id="compare-labels",
+        ),
+        pytest.param(
+            "--compare",
+            {"test/3": 1},
+            "names none of the 20 test images (its names look like",
+            id="compare-other-data",
+        ),
+        pytest.param(
+            "--compare",
+            {"test/cat/1.jpg": 10},
+            "gives 'test/cat/1.jpg' class id 10, but the data has 10",
+            id="compare-id-out-of-range",
+        ),
+        pytest.param(
+            "--json-out",
+            "no-such-folder/report.json",
+            "must be a file path in an existing folder",
+            id="json-out-no-folder",
+        ),
+        pytest.param(
+            "--json-out", ".", "must be a file path in an existing folder", id="json-out-a-folder"
+        ),
+    ],
+)
+def test_cli_evaluate_checks_its_options_before_contacting_the_server(
+    test_tree: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    content: object,
+    message: str,
+) -> None:
+    """Each bad option is one `error:` line (exit 2) before anything is sent: no server listens
+    at the URL, so a check made after the first request would say 'cannot reach' instead, and a
+    check made after the uploads would lose the whole evaluation."""
+    value = content
+    if option == "--compare":
+        value = tmp_path / "offline.json"
+        if isinstance(content, bytes):
+            value.write_bytes(content)
+        elif isinstance(content, str):
+            value.write_text(content)
+        elif content is not None:
+            value.write_text(json.dumps(content))
+    elif option == "--json-out":
+        value = tmp_path / str(content)
+    url = f"http://127.0.0.1:{free_port()}"
+    args = ["evaluate", "--url", url, "--data-dir", str(test_tree), option, str(value)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_cli_evaluate_writes_its_json_report(
+    server: Server, test_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    offline = tmp_path / "offline.json"
+    names = [p.relative_to(test_tree).as_posix() for p in test_tree.rglob("*.jpg")]
+    offline.write_text(json.dumps(dict.fromkeys(names, 0)))
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--url", server.url, "--data-dir", str(test_tree), "--concurrency", "3"]
+    assert main([*args, "--compare", str(offline), "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 20 and report["compared"] == 20 and report["concurrency"] == 3
+    assert capsys.readouterr().out.startswith("20 images over HTTP: ")
+
+
+@pytest.mark.parametrize("concurrency", [0, -1])
+def test_predict_many_refuses_a_concurrency_below_1(concurrency: int) -> None:
+    """A semaphore of 0 would wait forever (no paths here, so a missing check cannot hang)."""
+    client = Client("http://test", transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        client.predict_many([], concurrency=concurrency)
