@@ -11,6 +11,10 @@ python -m app.client evaluate --url http://127.0.0.1:8000 --data-dir DIR
     per-class accuracy and throughput; with --compare PREDICTIONS.json (written by
     `python -m training.evaluate ... --predictions-out`) it counts the images on which
     the server and the offline evaluation disagree.
+
+Exit status of `predict`: 0 when every file got a prediction, 1 when some file did not (its
+line has an "error": the server refused it, or it could not be read), 2 when the command could
+not run (bad arguments, no server).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +43,26 @@ class APIError(Exception):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"HTTP {status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
+
+
+class UnreadableFile(Exception):
+    """A file that could not be read, so it was not sent; `path` and `reason`."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+Failure = APIError | UnreadableFile  # what predict_many gives for a file instead of a prediction
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise UnreadableFile(path, "it is a folder; pass the image files in it") from None
+    except OSError as exc:
+        raise UnreadableFile(path, exc.strerror or str(exc)) from None
 
 
 def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
@@ -92,13 +117,16 @@ class Client:
 
     def predict_many(
         self, paths: Sequence[str | Path], top_k: int = 5, concurrency: int = 16
-    ) -> list[dict[str, Any] | APIError]:
-        """One result per path, in order: a prediction, or the APIError for that file."""
+    ) -> list[dict[str, Any] | Failure]:
+        """One result per path, in order: a prediction, or the APIError (the server refused the
+        file) or UnreadableFile (it was not sent) for that file."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         return asyncio.run(self._predict_many([Path(p) for p in paths], top_k, concurrency))
 
     async def _predict_many(
         self, paths: list[Path], top_k: int, concurrency: int
-    ) -> list[dict[str, Any] | APIError]:
+    ) -> list[dict[str, Any] | Failure]:
         limit = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(
@@ -106,9 +134,12 @@ class Client:
             transport=self.transport,
         ) as c:  # fmt: skip
 
-            async def one(path: Path) -> dict[str, Any] | APIError:
+            async def one(path: Path) -> dict[str, Any] | Failure:
                 async with limit:
-                    data = await asyncio.to_thread(path.read_bytes)
+                    try:
+                        data = await asyncio.to_thread(_read, path)
+                    except UnreadableFile as exc:
+                        return exc
                     for attempt in range(5):
                         response = await c.post(
                             "/predict", params={"top_k": top_k}, files={"file": (path.name, data)}
@@ -125,22 +156,63 @@ class Client:
             return await asyncio.gather(*(one(p) for p in paths))
 
 
+PREDICTIONS_FORMAT = (
+    "expected {image name: class id} as `python -m training.evaluate MODEL --data-dir DIR "
+    "--predictions-out FILE` writes it"
+)
+
+
+def load_offline_predictions(path: Path, names: list[str], classes: list[str]) -> dict[str, int]:
+    """--compare's file, checked against the data (`names`, `classes`) before any upload."""
+    try:
+        offline = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read --compare {path}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, or not text at all
+        raise UserError(f"--compare {path} is not JSON ({exc}); {PREDICTIONS_FORMAT}") from None
+    if not isinstance(offline, dict):
+        raise UserError(f"--compare {path} holds a {type(offline).__name__}; {PREDICTIONS_FORMAT}")
+    for name, class_id in offline.items():
+        if type(class_id) is not int:  # bool is an int subclass, and no class id
+            raise UserError(
+                f"--compare {path} maps {name!r} to {json.dumps(class_id)[:40]}, not a class id; "
+                f"{PREDICTIONS_FORMAT}"
+            )
+    if not offline.keys() & set(names):
+        example = f" (its names look like {next(iter(offline))!r})" if offline else ""
+        raise UserError(
+            f"--compare {path} names none of the {len(names)} test images{example}; the data's "
+            f"are {names[0]!r}, ...: pass the predictions of the same --data-dir"
+        )
+    for name, class_id in offline.items():
+        if not 0 <= class_id < len(classes):
+            raise UserError(
+                f"--compare {path} gives {name!r} class id {class_id}, but the data has "
+                f"{len(classes)} classes (ids 0 to {len(classes) - 1})"
+            )
+    return offline
+
+
 def evaluate(
     client: Client, data_dir: Path, concurrency: int = 16, compare: Path | None = None
 ) -> dict[str, Any]:
-    """Upload every test image and score the answers (see the module docstring)."""
+    """Upload every test image and score the answers (see the module docstring). Everything
+    that can be checked without uploading is checked first."""
+    if concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1, not {concurrency}")
     root = resolve_image_root(data_dir, "test")
     paths, labels, classes = list_image_folder(root / "test")
+    names = [p.relative_to(root).as_posix() for p in paths]
+    offline = None if compare is None else load_offline_predictions(compare, names, classes)
     served_classes = client.model()["classes"]
     if served_classes != classes:
         raise UserError(f"the server's classes {served_classes} are not the data's {classes}")
     start = time.perf_counter()
     results = client.predict_many(paths, top_k=1, concurrency=concurrency)
     seconds = time.perf_counter() - start
-    names = [p.relative_to(root).as_posix() for p in paths]
-    errors = {n: str(r) for n, r in zip(names, results, strict=True) if isinstance(r, APIError)}
+    errors = {n: str(r) for n, r in zip(names, results, strict=True) if not isinstance(r, dict)}
     predicted = {
-        n: r["class_id"] for n, r in zip(names, results, strict=True) if not isinstance(r, APIError)
+        n: r["class_id"] for n, r in zip(names, results, strict=True) if isinstance(r, dict)
     }
     correct = [0] * len(classes)
     total = [0] * len(classes)
@@ -161,8 +233,7 @@ def evaluate(
         "requests_per_s": len(paths) / seconds,
         "concurrency": concurrency,
     }
-    if compare is not None:
-        offline: dict[str, int] = json.loads(Path(compare).read_text())
+    if offline is not None:
         common = [n for n in names if n in offline and n in predicted]
         differ = [n for n in common if offline[n] != predicted[n]]
         report["compared"] = len(common)
@@ -175,6 +246,29 @@ def evaluate(
     return report
 
 
+def _check_output_path(flag: str, path: Path) -> None:
+    """Refuse an output file that cannot be written, before the work whose report it holds."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"{flag} {path} must be a file path in an existing folder")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise UserError(f"{flag} {path} cannot be written (permission denied)")
+
+
+def _predict(client: Client, images: list[Path], top_k: int) -> int:
+    """One JSON line per image, in order; 1 when any image failed, else 0."""
+    results = client.predict_many(images, top_k=top_k)
+    for path, result in zip(images, results, strict=True):
+        body = result if isinstance(result, dict) else {"error": str(result)}
+        print(json.dumps({"file": str(path), **body}))
+    failed = sum(not isinstance(r, dict) for r in results)
+    if failed:
+        print(
+            f'{failed} of {len(images)} files got no prediction (their lines have an "error")',
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
@@ -183,32 +277,31 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m app.client", description=__doc__.split("\n\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_predict = sub.add_parser("predict", help="classify image files", parents=[common])
+    p_predict = sub.add_parser(
+        "predict",
+        help="classify image files",
+        description='Print one JSON line per file: its prediction, or an "error" (the server '
+        "refused the file, or it could not be read).",
+        epilog="exit status: 0 when every file got a prediction, 1 when some file did not, "
+        "2 when the command could not run (bad arguments, no server)",
+        parents=[common],
+    )
     p_predict.add_argument("images", nargs="+", type=Path)
     p_predict.add_argument("--top-k", type=int, default=5)
     p_eval = sub.add_parser(
         "evaluate", help="accuracy of the served model over HTTP", parents=[common]
     )
     p_eval.add_argument("--data-dir", type=Path, required=True, help="DIR/test/<class>/<image>")
-    p_eval.add_argument("--concurrency", type=int, default=16)
+    p_eval.add_argument("--concurrency", type=int, default=16, help="requests at a time (>= 1)")
     p_eval.add_argument("--compare", type=Path, help="offline predictions JSON (training.evaluate)")
     p_eval.add_argument("--json-out", type=Path, help="write the full report here")
     args = parser.parse_args(argv)
     client = Client(args.url, args.api_key)
     try:
         if args.command == "predict":
-            for path, result in zip(
-                args.images, client.predict_many(args.images, top_k=args.top_k), strict=True
-            ):
-                print(
-                    json.dumps(
-                        {
-                            "file": str(path),
-                            **({"error": str(result)} if isinstance(result, APIError) else result),
-                        }
-                    )
-                )
-            return 0
+            return _predict(client, args.images, args.top_k)
+        if args.json_out is not None:
+            _check_output_path("--json-out", args.json_out)  # now: the report must not be lost
         report = evaluate(client, args.data_dir, args.concurrency, args.compare)
     except (UserError, APIError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -216,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"error: cannot reach {args.url} ({exc}); is the server running?", file=sys.stderr)
         return 2
-    if args.json_out:
-        args.json_out.write_text(json.dumps(report, indent=1))
     print(
         f"{report['images']} images over HTTP: {report['accuracy']:.2f}% top-1, "
         f"{report['errors']} errors, {report['requests_per_s']:.1f} requests/s "
@@ -230,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             f"agreement with the offline evaluation: {report['agreement']:.2f}% "
             f"({report['disagreements']} of {report['compared']} images differ)"
         )
+    if args.json_out:
+        try:
+            args.json_out.write_text(json.dumps(report, indent=1))
+        except OSError as exc:
+            print(f"error: cannot write {args.json_out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

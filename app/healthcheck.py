@@ -5,13 +5,22 @@ For Docker's HEALTHCHECK (the image has Python, not curl). Reads APP_PORT (defau
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import urllib.error
 import urllib.request
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.healthcheck",
+        description="Ask the local service for GET /health, as Docker's HEALTHCHECK does; the "
+        "port is APP_PORT (default 8000).",
+        epilog="exit status: 0 healthy (200), 1 unhealthy (no answer, or another status: 503 "
+        "while the model loads)",
+    )
+    parser.parse_args(argv)
     url = f"http://127.0.0.1:{os.environ.get('APP_PORT', '8000')}/health"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from app.client import APIError, Client, evaluate
+from app.client import APIError, Client, UnreadableFile, evaluate, main
 from tests.app.images import jpeg
 from tests.app.support import CLASSES, Server, free_port
 from tests.helpers import assert_one_line_error, run_cli
@@ -121,3 +121,150 @@ def test_classes_in_another_order_are_refused_not_miscounted(
     client = Client("http://test", transport=httpx.MockTransport(handler))
     with pytest.raises(UserError, match="are not the data's"):
         evaluate(client, test_tree)
+
+
+def test_cli_predict_reports_each_unreadable_path_and_predicts_the_others(
+    server: Server, tmp_path: Path
+) -> None:
+    """A missing file or a folder among the arguments gets its own "error" line, as a file the
+    server refuses does; the readable files are still predicted, in argument order."""
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(seed=3))
+    missing = tmp_path / "missing.jpg"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    result = run_cli(
+        "-m", "app.client", "predict", good, missing, folder, good, "--url", server.url
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(p) for p in (good, missing, folder, good)]
+    assert lines[0]["label"] in CLASSES and lines[3] == lines[0]
+    assert lines[1]["error"] == f"cannot read {missing}: No such file or directory"
+    assert lines[2]["error"] == f"cannot read {folder}: it is a folder; pass the image files in it"
+    assert result.returncode == 1
+    assert result.stderr.strip() == '2 of 4 files got no prediction (their lines have an "error")'
+
+    results = Client(server.url).predict_many([missing, good])  # the same from Python
+    assert isinstance(results[0], UnreadableFile) and results[0].path == missing
+    assert {"file": str(good), **results[1]} == lines[0]
+
+
+def test_cli_predict_exits_1_when_the_server_refuses_a_file(server: Server, tmp_path: Path) -> None:
+    """Scripts can tell: the exit status is 0 only when every file got a prediction (see
+    test_cli_predict_prints_json_lines), 1 when the server refused one; --help says so."""
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(seed=4))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    result = run_cli("-m", "app.client", "predict", good, notes, "--url", server.url)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "top_k" in lines[0] and lines[1]["error"].startswith("HTTP 415 not_an_image")
+    usage = run_cli("-m", "app.client", "predict", "--help")
+    assert usage.returncode == 0 and "1 when some file did not" in " ".join(usage.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("option", "content", "message"),
+    [
+        pytest.param(
+            "--concurrency", "0", "--concurrency must be at least 1, not 0", id="concurrency-0"
+        ),
+        pytest.param(
+            "--concurrency",
+            "-3",
+            "--concurrency must be at least 1, not -3",
+            id="concurrency-negative",
+        ),
+        pytest.param(
+            "--compare", "notes, not JSON", "is not JSON (Expecting value", id="compare-text"
+        ),
+        pytest.param(
+            "--compare",
+            b"\xff\xfe binary",
+            "is not JSON ('utf-8' codec can't decode",
+            id="compare-binary",
+        ),
+        pytest.param("--compare", None, "cannot read --compare", id="compare-missing"),
+        pytest.param(
+            "--compare", [0, 1], "holds a list; expected {image name: class id}", id="compare-list"
+        ),
+        pytest.param(
+            "--compare",
+            {"test/cat/0.jpg": "cat"},
+            "maps 'test/cat/0.jpg' to \"cat\", not a class",
+            id="compare-labels",
+        ),
+        pytest.param(
+            "--compare",
+            {"test/3": 1},
+            "names none of the 20 test images (its names look like",
+            id="compare-other-data",
+        ),
+        pytest.param(
+            "--compare",
+            {"test/cat/1.jpg": 10},
+            "gives 'test/cat/1.jpg' class id 10, but the data has 10",
+            id="compare-id-out-of-range",
+        ),
+        pytest.param(
+            "--json-out",
+            "no-such-folder/report.json",
+            "must be a file path in an existing folder",
+            id="json-out-no-folder",
+        ),
+        pytest.param(
+            "--json-out", ".", "must be a file path in an existing folder", id="json-out-a-folder"
+        ),
+    ],
+)
+def test_cli_evaluate_checks_its_options_before_contacting_the_server(
+    test_tree: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    content: object,
+    message: str,
+) -> None:
+    """Each bad option is one `error:` line (exit 2) before anything is sent: no server listens
+    at the URL, so a check made after the first request would say 'cannot reach' instead, and a
+    check made after the uploads would lose the whole evaluation."""
+    value = content
+    if option == "--compare":
+        value = tmp_path / "offline.json"
+        if isinstance(content, bytes):
+            value.write_bytes(content)
+        elif isinstance(content, str):
+            value.write_text(content)
+        elif content is not None:
+            value.write_text(json.dumps(content))
+    elif option == "--json-out":
+        value = tmp_path / str(content)
+    url = f"http://127.0.0.1:{free_port()}"
+    args = ["evaluate", "--url", url, "--data-dir", str(test_tree), option, str(value)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_cli_evaluate_writes_its_json_report(
+    server: Server, test_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    offline = tmp_path / "offline.json"
+    names = [p.relative_to(test_tree).as_posix() for p in test_tree.rglob("*.jpg")]
+    offline.write_text(json.dumps(dict.fromkeys(names, 0)))
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--url", server.url, "--data-dir", str(test_tree), "--concurrency", "3"]
+    assert main([*args, "--compare", str(offline), "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 20 and report["compared"] == 20 and report["concurrency"] == 3
+    assert capsys.readouterr().out.startswith("20 images over HTTP: ")
+
+
+@pytest.mark.parametrize("concurrency", [0, -1])
+def test_predict_many_refuses_a_concurrency_below_1(concurrency: int) -> None:
+    """A semaphore of 0 would wait forever (no paths here, so a missing check cannot hang)."""
+    client = Client("http://test", transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        client.predict_many([], concurrency=concurrency)
