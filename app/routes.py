@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import torch
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
@@ -30,6 +32,8 @@ from app.schemas import (
     Prediction,
 )
 from app.state import APIError, ServingState
+
+T = TypeVar("T")
 
 ERRORS = {
     400: {"model": ErrorBody, "description": "empty/truncated/corrupt image; cut-short multipart"},
@@ -178,6 +182,34 @@ async def _infer(
     return probs
 
 
+CLIENT_GONE = 499  # nginx's code for "the client closed the connection first"; in /metrics only
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up. Called once the body is read: what the server then
+    receives for this request is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _while_connected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """`work`, cancelled if its client disconnects first: Starlette does not cancel a handler
+    whose client left, so images of clients long gone were still decoded and run through the
+    model, ahead of clients still waiting. Cancelled, they leave the queue unrun."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(CLIENT_GONE, "client_gone", "the client closed the connection")
+    return task.result()
+
+
 @predictions.post("/predict", response_model=Prediction, summary="Classify one image")
 async def predict(
     request: Request,
@@ -190,12 +222,17 @@ async def predict(
     await _only_uploads_in(request, "file", at_most=1)
     predictor, batcher = state.require_ready()
     deadline = time.monotonic() + state.settings.request_timeout_s
-    with batcher.incoming() as ticket:
-        try:
-            image = await _decode(state, file, predictor.source_size, deadline)
-        except ImageError as exc:
-            raise APIError(exc.status, exc.code, exc.detail) from None
-        [probs] = await _infer(state, batcher, [image], ticket, deadline)
+
+    async def classify() -> torch.Tensor:
+        with batcher.incoming() as ticket:
+            try:
+                image = await _decode(state, file, predictor.source_size, deadline)
+            except ImageError as exc:
+                raise APIError(exc.status, exc.code, exc.detail) from None
+            [probs] = await _infer(state, batcher, [image], ticket, deadline)
+        return probs
+
+    probs = await _while_connected(request, classify())
     return to_prediction(probs, predictor.classes, top_k)
 
 
@@ -227,16 +264,21 @@ async def predict_batch(
             "(APP_MAX_QUEUE): send fewer per call",
         )
     deadline = time.monotonic() + state.settings.request_timeout_s
-    with batcher.incoming() as ticket:
-        decoded = await asyncio.gather(
-            *(_decode(state, f, predictor.source_size, deadline) for f in files),
-            return_exceptions=True,
-        )
-        for result in decoded:
-            if isinstance(result, BaseException) and not isinstance(result, ImageError):
-                raise result
-        good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
-        probs = await _infer(state, batcher, [decoded[i] for i in good], ticket, deadline)
+
+    async def classify() -> tuple[list[Any], list[int], list[torch.Tensor]]:
+        with batcher.incoming() as ticket:
+            decoded = await asyncio.gather(
+                *(_decode(state, f, predictor.source_size, deadline) for f in files),
+                return_exceptions=True,
+            )
+            for result in decoded:
+                if isinstance(result, BaseException) and not isinstance(result, ImageError):
+                    raise result
+            good = [i for i, r in enumerate(decoded) if isinstance(r, torch.Tensor)]
+            probs = await _infer(state, batcher, [decoded[i] for i in good], ticket, deadline)
+        return decoded, good, probs
+
+    decoded, good, probs = await _while_connected(request, classify())
     by_index = dict(zip(good, probs, strict=True))
     results = []
     for i, (upload, result) in enumerate(zip(files, decoded, strict=True)):

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import torch
@@ -115,6 +116,70 @@ def test_full_queue_answers_503_busy_with_retry_after(serve: ServeFactory) -> No
     assert "APP_MAX_QUEUE" in assert_error(too_big, 413, "too_many_files")["detail"]
     assert post_image(client, images.png(20)).status_code == 200
     assert queue_depth(client) == 0
+
+
+def _post_and_hang_up(client: TestClient, path: str, files: Any, leave_when: Callable[[], bool]):
+    """POST `files` to the app straight over ASGI, as a client that sends its request, then
+    disconnects once `leave_when()` holds; the statuses the app sent (to nobody)."""
+    request = httpx.Request("POST", "http://testserver" + path, files=files)
+    body = request.read()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in request.headers.items()],
+    }  # fmt: skip
+    sent_body, statuses = False, []
+
+    async def receive() -> dict:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        while not leave_when():
+            await anyio.sleep(0.005)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    client.portal.call(client.app, scope, receive, send)  # type: ignore[union-attr]
+    return statuses
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+def test_images_of_a_client_that_left_are_not_run(serve: ServeFactory, path: str) -> None:
+    client = serve(max_batch_size=1)
+    batcher = client.app.state.serving.batcher  # type: ignore[attr-defined]
+    gate, entered, forwards = threading.Event(), threading.Event(), []
+    forward = batcher._predict
+
+    def held(batch: torch.Tensor) -> torch.Tensor:
+        forwards.append(len(batch))
+        entered.set()
+        assert gate.wait(30)
+        return forward(batch)
+
+    batcher._predict = held
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post_image, client, images.png(1))  # holds the model
+        assert entered.wait(30)
+        field = "file" if path == "/predict" else "files"
+        files = [
+            (field, (f"{i}.png", images.png(10 + i), "image/png"))
+            for i in range(2 if field == "files" else 1)
+        ]
+        # The client leaves while its images wait in the queue behind the held forward pass.
+        statuses = _post_and_hang_up(client, path, files, lambda: batcher._waiting >= len(files))
+        gate.set()
+        assert first.result().status_code == 200
+    assert statuses == [499]
+    assert wait_for(lambda: queue_depth(client) == 0)
+    assert post_image(client, images.png(2)).status_code == 200
+    assert forwards == [1, 1]  # the held request and the one after: the leaver's never ran
+    metrics = parse_metrics(client.get("/metrics").text)
+    assert sample(metrics, "http_requests_total", endpoint=path, method="POST", status="499")
 
 
 def test_deadline_answers_504_and_the_server_stays_healthy(serve: ServeFactory) -> None:
