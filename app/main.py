@@ -255,7 +255,12 @@ def create_app(
         if exc.status_code == 400 and str(exc.detail).startswith("Too many files"):
             # The form parser's own ceiling (1000 parts), above any APP_MAX_BATCH_FILES: the
             # same answer as a batch over that setting.
-            return _error(413, "too_many_files", f"{exc.detail} Send fewer per call.")
+            limit = state.settings.max_batch_files
+            return _error(
+                413,
+                "too_many_files",
+                f"{exc.detail} This server takes at most {limit} per call (APP_MAX_BATCH_FILES)",
+            )
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

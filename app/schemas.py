@@ -52,7 +52,9 @@ class Health(BaseModel):
 
 
 class Accuracy(BaseModel):
-    test: float | None = Field(description="top-1 on the test set, percent, of what is served")
+    test: float | None = Field(
+        description="top-1 on the test set, percent, of what is served (null: not measured)"
+    )
     test_per_class: dict[str, float] | None
     validation: float | None = Field(description="validation accuracy after the last epoch")
     best_validation: dict[str, Any] | None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -11,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.decoding import PIL_PIXEL_LIMIT
+from training.runtime import available_cpus
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -80,11 +80,14 @@ class Settings(BaseSettings):
     )
     workers: int = setting(1, "server processes (each loads its own model copy)", ge=1)
     threads: int | None = setting(
-        None, "CPU threads per process for the model (default: CPU cores / workers)", ge=1
+        None,
+        "CPU threads per process for the model (default: the CPUs this process may use, a "
+        "container's quota included, / workers)",
+        ge=1,
     )
     decode_threads: int | None = setting(
         None,
-        "threads per process that decode uploads (default: one per CPU core); they share the "
+        "threads per process that decode uploads (default: one per available CPU); they share the "
         "process's Python interpreter lock with HTTP handling and the model's thread",
         ge=1,
     )
@@ -118,10 +121,10 @@ class Settings(BaseSettings):
         return SecretStr(key) if key else None
 
     def torch_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.threads or max(1, available_cpus() // self.workers)
 
     def decoder_threads(self) -> int:
-        return self.decode_threads or os.cpu_count() or 1
+        return self.decode_threads or available_cpus()
 
     def env(self) -> dict[str, str]:
         """These settings as APP_* variables (for worker processes that rebuild them)."""

@@ -479,11 +479,13 @@ def _described(source: dict[str, Any], kind: str, checksum: str, path: Path) -> 
                 "network (227 does)"
             )
         best = optional(source, "best", dict) or {}
-        # An artifact's own accuracy (measured after quantization, at export) comes first.
+        # What is served is an artifact's int8 weights: its accuracy is the one measured after
+        # quantization, at export, or unknown (an export without test data); the checkpoint's
+        # own figure is reported apart.
         export = (optional(source, "export", dict) or {}) if kind == "artifact" else {}
         measured = accuracy_report(export.get("test"), "export.test")
         recorded = accuracy_report(source.get("test"), "test")
-        test = measured or recorded
+        test = measured if kind == "artifact" else recorded
         info = {
             "path": str(path),
             "format": kind,

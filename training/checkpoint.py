@@ -144,12 +144,14 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load and validate a training checkpoint; every failure is a one-line CheckpointError."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        # A relative default (the app's weights/) read from another folder: say where we looked.
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise CheckpointError(f"checkpoint {path} does not exist{where}; check the path")
     if path.is_dir():
         if (path / "model.json").is_file():  # artifact.INDEX_NAME (artifact imports this module)
             raise CheckpointError(
-                f"{path} is an exported model folder, not a training checkpoint; pass a run's "
-                "last.pt or best.pt"
+                f"{path} is an exported model folder, not a training checkpoint; pass a "
+                "checkpoint file that training wrote (a run's last.pt)"
             )
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/last.pt")
     if not _looks_like_torch_save(path):  # a README, an image, a model.json: say so plainly

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from PIL import EpsImagePlugin, Image, ImageFile
 
 from training.errors import UserError
 from training.preprocess import load_image
+from training.runtime import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def decode_images(paths: Sequence[Path], size: int) -> torch.Tensor:
     Processes, not threads: for 32x32 images the per-image Python work, which holds the GIL,
     outweighs the decoding (threads took 39 s for CIFAR-10 on 16 cores; see README).
     """
-    workers = min(32, os.cpu_count() or 1)
+    workers = min(32, available_cpus())
     chunk = 1000
     if workers == 1 or len(paths) <= chunk:
         return torch.from_numpy(_decode_chunk(paths, size))

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m training.export", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("checkpoint", type=Path, help="a last.pt or best.pt from training.run")
-    parser.add_argument("--out", type=Path, default=Path("weights"), help="artifact folder")
+    # Required: a default of weights/ replaced the shipped model whenever --out was forgotten.
+    parser.add_argument("--out", type=Path, required=True,
+                        help="artifact folder, e.g. weights/ (the served model is replaced)")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, help="measure test accuracy on DIR/test/<class>/*")
     parser.add_argument("--download-root", type=Path, default=None,
                         help="measure test accuracy on the CIFAR-10 download in this folder")  # fmt: skip

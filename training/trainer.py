@@ -224,6 +224,13 @@ def _train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: tune each once
 
+    busy = resume.parent if resume is not None else cfg.out_dir
+    if busy is not None and busy.is_dir() and not dist_info.enabled:
+        # A folder in use is refused before the data is decoded (minutes for a large set);
+        # the lock itself is taken below, once the folder is settled.
+        with run_lock(busy):
+            pass
+
     t_load = time.perf_counter()
     prep = Preprocessing()
     data = load_data(

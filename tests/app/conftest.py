@@ -43,7 +43,8 @@ class ServedModel:
 def served_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     root = tmp_path_factory.mktemp("served-model")
     ckpt = make_checkpoint()
-    export_artifact(ckpt, root / "weights")
+    # As `training.export --data-dir` records it (here: the checkpoint's own figures).
+    export_artifact(ckpt, root / "weights", extra={"export": {"test": ckpt["test"]}})
     save_atomic(ckpt, root / "last.pt")
     yield ServedModel(root / "weights", root / "last.pt")
     shutil.rmtree(root, ignore_errors=True)  # ~290 MB

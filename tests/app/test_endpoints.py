@@ -108,7 +108,7 @@ def test_model_describes_what_is_served(client: TestClient, artifact: Path) -> N
     assert info["accuracy"]["test_per_class"] == {name: float(i) for i, name in enumerate(CLASSES)}
     assert info["accuracy"]["validation"] == 13.0
     assert info["accuracy"]["best_validation"] == {"epoch": 3, "val_acc": 13.0}
-    assert info["accuracy"]["checkpoint_test"] == TEST_ACCURACY  # no export block: the same
+    assert info["accuracy"]["checkpoint_test"] == TEST_ACCURACY
     assert info["recipe"] == "seed"
     assert info["epochs"] == 3
     assert info["checkpoint"] == artifact.name  # a name, not the server's path

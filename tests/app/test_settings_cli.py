@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import SecretStr, ValidationError
 
+import app.settings
 from app.cli import main
 from app.settings import Settings
 from tests.app.conftest import ServedModel
@@ -97,7 +98,7 @@ def test_invalid_values_are_refused(values: dict) -> None:
 
 def test_threads_default_to_an_even_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker processes share the cores instead of each taking them all (README, serving)."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(app.settings, "available_cpus", lambda: 16)
     assert Settings().torch_threads() == 16
     assert Settings(workers=4).torch_threads() == 4
     assert Settings(workers=32).torch_threads() == 1
@@ -109,7 +110,7 @@ def test_decoding_threads_default_to_one_per_core_and_follow_the_setting(
 ) -> None:
     from app.state import ServingState
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(app.settings, "available_cpus", lambda: 16)
     for settings, expected in ((Settings(workers=2), 16), (Settings(decode_threads=3), 3)):
         state = ServingState(settings, predictor=None)
         try:

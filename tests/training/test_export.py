@@ -70,6 +70,14 @@ def test_the_artifact_predicts_like_the_checkpoint(ckpt: dict, tmp_path: Path) -
     assert served.info["format"] == "artifact" and len(served.info["sha256"]) == 64
 
 
+def test_an_export_without_test_data_claims_no_test_accuracy(ckpt: dict, tmp_path: Path) -> None:
+    # The int8 weights were never measured: the checkpoint's figure is not theirs.
+    export_artifact(ckpt, tmp_path / "w")
+    info = load_for_inference(tmp_path / "w").info
+    assert info["test_accuracy"] is None and info["test_per_class"] is None
+    assert info["checkpoint_test_accuracy"] == round(ckpt["test"]["accuracy"], 2)
+
+
 def test_a_new_export_replaces_the_shards_and_keeps_the_model_card(
     ckpt: dict, tmp_path: Path
 ) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from training.errors import UserError
-from training.runtime import init_distributed, resolve_device
+from training.runtime import available_cpus, init_distributed, resolve_device
 
 
 @pytest.fixture
@@ -46,3 +49,19 @@ def test_alone_is_rank_0_of_1(monkeypatch: pytest.MonkeyPatch) -> None:
     info, device = init_distributed("cpu")
     assert (info.rank, info.world_size, info.enabled, info.is_main) == (0, 1, False, True)
     assert device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cap"),
+    [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), (None, None)],
+    ids=["no-quota", "1.5-cpus", "half-a-cpu", "no-cgroup-file"],
+)
+def test_available_cpus_follow_a_container_quota(
+    tmp_path: Path, cpu_max: str | None, cap: int | None
+) -> None:
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    allowed = len(os.sched_getaffinity(0))
+    expected = allowed if cap is None else min(allowed, cap)
+    assert available_cpus(path) == expected

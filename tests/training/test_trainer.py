@@ -10,11 +10,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
 from PIL import Image
 
+import training.trainer as trainer_module
 from tests.helpers import folder_locked_by_another_process, make_image_tree, tiny_config
 from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_atomic
 from training.data import load_data
@@ -268,7 +270,6 @@ def test_a_stop_during_the_final_evaluation_keeps_the_checkpoints_and_resumes(
     """Ctrl-C after the last epoch, while the test set is evaluated: the queued checkpoints
     still reach the disk (they used to be lost, with the process aborting), and resuming runs
     just the final evaluation, ending as the uninterrupted run does."""
-    import training.trainer as trainer_module
 
     real_evaluate, calls = trainer_module.evaluate, []
 
@@ -393,7 +394,10 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     """Two processes in one folder would overwrite each other's checkpoints in turn."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with folder_locked_by_another_process(run_dir):
-        with pytest.raises(UserError, match=r"in use by another training process; wait"):
+        with (
+            patch.object(trainer_module, "load_data", side_effect=AssertionError("decoded")),
+            pytest.raises(UserError, match=r"in use by another training process; wait"),
+        ):  # refused before the data is decoded
             train(tiny_config("seed", image_tree, run_dir, epochs=1))
         assert not (run_dir / "last.pt").exists()
     # The lock went with its process: no stale lock to clean up.
