@@ -34,18 +34,53 @@ def supported() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and os.uname().sysname == "Linux"
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) that other sockets of this user may share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def reuseport_socket(host: str, port: int, *, reuseaddr: bool = True) -> socket.socket:
+    """A socket bound to (host, port) that other SO_REUSEPORT sockets of this user may share."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseaddr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _port_is_free(host: str, port: int) -> None:
+    """OSError (EADDRINUSE) when anyone listens on (host, port), or holds it as `claim_port`.
+
+    A socket without SO_REUSEPORT cannot bind next to a listening one, whoever owns it, so this
+    also sees the workers of another instance of this service, which the kernel would
+    otherwise let us join (same user, SO_REUSEPORT): clients would get either at random.
+    SO_REUSEADDR lets it bind over connections of an earlier server left in TIME_WAIT."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """The supervisor's hold on (host, port) while it runs: bound, never listening, so the
+    workers' sockets receive every connection. OSError when the port is in use.
+
+    The hold sets SO_REUSEPORT but not SO_REUSEADDR: our workers (SO_REUSEPORT, same user) may
+    bind next to it, and `_port_is_free` in another instance fails against it even before our
+    workers listen (while their models load). Two instances started in the same instant may
+    both pass the check: the kernel offers no atomic test-and-hold for a shared port."""
+    _port_is_free(host, port)
+    try:
+        return reuseport_socket(host, port, reuseaddr=False)
+    except OSError:
+        # Connections of an earlier server without SO_REUSEPORT (one process: plain uvicorn)
+        # left in TIME_WAIT refuse this bind for up to a minute; serve anyway, with a hold
+        # that another instance's check passes until our workers listen, rather than send the
+        # user away from a free port.
+        return reuseport_socket(host, port)
 
 
 def exit_cleanly_after_drain() -> None:
@@ -78,9 +113,7 @@ def run_workers(
 ) -> int:
     """Serve with `count` processes until SIGTERM/SIGINT; 0 after a clean drain, 1 when
     workers kept failing. OSError when the port cannot be bound (reported by the CLI)."""
-    # Bound, never listening: a port held by another program fails here, in one line, and the
-    # workers' sockets (which listen) receive every connection.
-    guard = reuseport_socket(host, port)
+    guard = claim_port(host, port)
     context = multiprocessing.get_context("spawn")  # no forked torch or thread state
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -1,9 +1,10 @@
 """Several server processes (`--workers 2`): connections spread over them, every one serves,
 /metrics sums them all, a worker that dies is replaced, SIGTERM drains them all; a port
-already taken is a one-line error."""
+already taken (by another program or another instance of this service) is a one-line error."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -18,9 +19,7 @@ import pytest
 from app import workers
 from tests.app.images import jpeg
 from tests.app.support import free_port, parse_metrics, sample
-from tests.helpers import ROOT, cli_env
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT, cli_env, run_cli
 
 
 def _children(pid: int) -> list[int]:
@@ -96,6 +95,7 @@ def _spread_of_connections(pid: int, port: int, count: int) -> list[int]:
             conn.close()
 
 
+@pytest.mark.slow
 def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -190,15 +190,64 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
     assert "exited with code -9; starting another" in text
 
 
-def test_a_port_in_use_is_a_one_line_error(artifact: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "app", "--checkpoint", str(artifact), "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--workers", "2", "--log-level", "warning"],
-            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+def _listening_socket(port: int, *, reuseport: bool) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`: another program's (SO_REUSEADDR, as uvicorn
+    binds) or, with `reuseport`, a worker's of another instance of this service."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_the_port_of_another_instance_is_refused_while_it_serves_and_while_it_loads() -> None:
+    port = free_port()
+    # Its workers listen with SO_REUSEPORT, which the kernel would let this user's sockets join.
+    with _listening_socket(port, reuseport=True), pytest.raises(OSError) as serving:
+        workers.claim_port("127.0.0.1", port)
+    assert serving.value.errno == errno.EADDRINUSE
+    # Before its models are warm nothing listens: only its supervisor's hold is there.
+    with workers.claim_port("127.0.0.1", port), pytest.raises(OSError) as loading:
+        workers.claim_port("127.0.0.1", port)
+    assert loading.value.errno == errno.EADDRINUSE
+
+
+def test_the_workers_of_one_instance_share_its_port() -> None:
+    port = free_port()
+    with (
+        workers.claim_port("127.0.0.1", port),
+        workers.reuseport_socket("127.0.0.1", port) as one,
+        workers.reuseport_socket("127.0.0.1", port) as two,
+    ):
+        one.listen()
+        two.listen()
+
+
+def test_a_port_left_in_time_wait_by_a_one_process_server_can_be_claimed() -> None:
+    with _listening_socket(0, reuseport=False) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            accepted.close()  # the server closes first: its side of the connection waits
+    workers.claim_port("127.0.0.1", port).close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "taken_by", ["another program", "another instance serving", "another instance loading"]
+)
+def test_a_port_in_use_is_a_one_line_error(artifact: Path, taken_by: str) -> None:
+    port = free_port()
+    if taken_by == "another instance loading":
+        taken = workers.claim_port("127.0.0.1", port)
+    else:
+        taken = _listening_socket(port, reuseport=taken_by == "another instance serving")
+    with taken:
+        result = run_cli(
+            "-m", "app", "--checkpoint", artifact, "--host", "127.0.0.1", "--port", str(port),
+            "--device", "cpu", "--workers", "2", "--log-level", "warning", timeout=60,
         )  # fmt: skip
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -209,6 +258,7 @@ def test_a_port_in_use_is_a_one_line_error(artifact: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_workers_that_fail_at_start_stop_the_server_instead_of_restarting_forever(
     artifact: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
