@@ -6,11 +6,12 @@ bench/serve_load.py, connecting together, landed 31/1, 23/9 and 21/11 on two pro
 model copy did most of the work. With a socket per process the kernel spreads new connections
 over the processes by their address hash (16/16, 17/15 and 17/15 for the same clients). The
 supervisor (this process) forwards SIGTERM and SIGINT to the workers, waits for them to drain,
-and replaces a worker that dies while serving.
+and replaces a worker that dies (see the restart policy below).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -18,15 +19,24 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import uvicorn
 
 log = logging.getLogger("app.workers")
 
-# A worker that dies sooner than this after starting is not restarted: the next one would
-# most likely fail the same way (the CLI has already loaded the model once in this process).
-MIN_UPTIME_S = 10.0
+# Restart policy. A worker is ready once it listens (its model is warm).
+# - One that exits before it is ready, at the service's start, stops the service (exit 1):
+#   settings, a model or a memory size that fail one start fail the next the same way.
+# - One that exits after it was ready is replaced at once: what ended it (an OOM kill, a crash
+#   on one request) need not come again, and the others serve meanwhile.
+# - A replacement that exits before it is ready is started again after a pause that doubles
+#   (1, 2, 4, 8 s), the others still serving; after MAX_FAILED_RESTARTS such exits in a row the
+#   service stops (exit 1), rather than loading a model that keeps failing forever.
+FIRST_RESTART_DELAY_S = 1.0
+MAX_FAILED_RESTARTS = 5
 
 
 def supported() -> bool:
@@ -91,13 +101,65 @@ def exit_cleanly_after_drain() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-def _serve(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
+def _serve(host: str, port: int, uvicorn_options: dict[str, Any], ready: ctypes.c_bool) -> None:
     """One worker process: its own socket (bound; uvicorn listens on it once the model is
-    warm), then uvicorn on the app built from APP_*."""
+    warm), then uvicorn on the app built from APP_*; `ready` is set once it listens."""
     sock = reuseport_socket(host, port)
     exit_cleanly_after_drain()
-    config = uvicorn.Config("app.main:worker_app_from_env", factory=True, **uvicorn_options)
+
+    async def listening() -> None:  # uvicorn calls it right after startup, then every 30 s
+        ready.value = True
+
+    config = uvicorn.Config(
+        "app.main:worker_app_from_env", factory=True, callback_notify=listening, **uvicorn_options
+    )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+@dataclass
+class _Slot:
+    """One of the workers: its current process, and how the processes before it ended."""
+
+    index: int
+    process: BaseProcess
+    ready: ctypes.c_bool  # in shared memory: set by the process once it listens
+    served: bool = False  # a process of this slot got to listen
+    failures: int = 0  # replacements in a row that exited before they were ready
+    restart_at: float | None = None  # time.monotonic() of the next start, once process exited
+
+
+def _restart_delay(slot: _Slot, code: int | None, ready: bool) -> float | None:
+    """Seconds before the slot's next process starts, after one that exited with `code`;
+    None to stop the service (the restart policy above)."""
+    if ready:
+        slot.served, slot.failures = True, 0
+        log.warning("worker %d exited with code %s; starting another", slot.index, code)
+        return 0.0
+    if not slot.served:
+        log.error(
+            "worker %d exited with code %s before it was ready, at startup; stopping, as the "
+            "next would fail the same way (see the error above, or check free memory)",
+            slot.index,
+            code,
+        )
+        return None
+    slot.failures += 1
+    if slot.failures >= MAX_FAILED_RESTARTS:
+        log.error(
+            "worker %d exited with code %s before it was ready, %d times in a row; stopping",
+            slot.index,
+            code,
+            slot.failures,
+        )
+        return None
+    delay = FIRST_RESTART_DELAY_S * 2 ** (slot.failures - 1)
+    log.warning(
+        "worker %d exited with code %s before it was ready; starting another in %g s",
+        slot.index,
+        code,
+        delay,
+    )
+    return delay
 
 
 def _mark_dead(pid: int | None) -> None:
@@ -118,47 +180,50 @@ def run_workers(
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def start(index: int) -> tuple[multiprocessing.process.BaseProcess, float]:
+    def launch(index: int) -> tuple[BaseProcess, ctypes.c_bool]:
+        # No lock (an Event has one): a worker killed while it holds it would hang this loop.
+        ready = context.RawValue(ctypes.c_bool, False)
         process = context.Process(
-            target=_serve, args=(host, port, uvicorn_options), name=f"worker-{index}"
+            target=_serve, args=(host, port, uvicorn_options, ready), name=f"worker-{index}"
         )
         process.start()
         log.info("worker %d started (pid %s)", index, process.pid)
-        return process, time.monotonic()
+        return process, ready
 
-    workers = [start(i) for i in range(count)]
+    def check(slot: _Slot) -> bool:
+        """Replace the slot's process once it exited, when the policy says; False: stop."""
+        if slot.restart_at is None:
+            if slot.process.is_alive():
+                return True
+            _mark_dead(slot.process.pid)
+            delay = _restart_delay(slot, slot.process.exitcode, slot.ready.value)
+            if delay is None:
+                return False
+            slot.restart_at = time.monotonic() + delay
+        if time.monotonic() >= slot.restart_at:
+            slot.process, slot.ready = launch(slot.index)
+            slot.restart_at = None
+        return True
+
+    slots = [_Slot(i, *launch(i)) for i in range(count)]
     failed = False
     try:
         while not stop.wait(0.5):
-            for index, (process, started) in enumerate(workers):
-                if process.is_alive():
-                    continue
-                _mark_dead(process.pid)
-                if time.monotonic() - started < MIN_UPTIME_S:
-                    log.error(
-                        "worker %d exited with code %s right after starting; stopping",
-                        index,
-                        process.exitcode,
-                    )
-                    failed = True
-                    stop.set()
-                    break
-                log.warning(
-                    "worker %d exited with code %s; starting another", index, process.exitcode
-                )
-                workers[index] = start(index)
+            if not all(check(slot) for slot in slots):
+                failed = True
+                break
     finally:
-        for process, _ in workers:  # each drains its in-flight requests, then exits
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+        for slot in slots:  # each drains its in-flight requests, then exits
+            if slot.process.is_alive() and slot.process.pid is not None:
+                os.kill(slot.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + graceful_shutdown_s + 15
-        for process, _ in workers:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                log.error("worker pid %s did not stop in time; killing it", process.pid)
-                process.kill()
-                process.join()
-            _mark_dead(process.pid)
+        for slot in slots:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                log.error("worker pid %s did not stop in time; killing it", slot.process.pid)
+                slot.process.kill()
+                slot.process.join()
+            _mark_dead(slot.process.pid)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         guard.close()
