@@ -6,7 +6,8 @@ bench/serve_load.py, connecting together, landed 31/1, 23/9 and 21/11 on two pro
 model copy did most of the work. With a socket per process the kernel spreads new connections
 over the processes by their address hash (16/16, 17/15 and 17/15 for the same clients). The
 supervisor (this process) forwards SIGTERM and SIGINT to the workers, waits for them to drain,
-and replaces a worker that dies (see the restart policy below).
+and replaces a worker that dies (see the restart policy below); a worker whose supervisor dies,
+even by SIGKILL, drains and exits too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ log = logging.getLogger("app.workers")
 #   service stops (exit 1), rather than loading a model that keeps failing forever.
 FIRST_RESTART_DELAY_S = 1.0
 MAX_FAILED_RESTARTS = 5
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def supported() -> bool:
@@ -101,18 +104,47 @@ def exit_cleanly_after_drain() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-def _serve(host: str, port: int, uvicorn_options: dict[str, Any], ready: ctypes.c_bool) -> None:
+def stop_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent (pid `parent`) dies, SIGKILL
+    included, so that it drains and exits rather than serve on, orphaned. Linux only."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        log.warning("no prctl here: this worker will outlive a supervisor killed by SIGKILL")
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed (%s): this worker will outlive a supervisor killed "
+            "by SIGKILL",
+            os.strerror(ctypes.get_errno()),
+        )
+        return
+    if os.getppid() != parent:  # it died before the request, which then never fires
+        log.warning("the supervisor (pid %d) is gone; this worker stops", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _serve(
+    host: str, port: int, uvicorn_options: dict[str, Any], ready: ctypes.c_bool, supervisor: int
+) -> None:
     """One worker process: its own socket (bound; uvicorn listens on it once the model is
     warm), then uvicorn on the app built from APP_*; `ready` is set once it listens."""
     sock = reuseport_socket(host, port)
     exit_cleanly_after_drain()
 
+    def build_app() -> Any:
+        from app.main import worker_app_from_env
+
+        served = worker_app_from_env()  # quick: the model loads at startup, after this
+        # uvicorn calls this factory once its SIGTERM handler is in place: the signal then
+        # drains the worker. Before, exit_cleanly_after_drain's handler would swallow it.
+        stop_with_parent(supervisor)
+        return served
+
     async def listening() -> None:  # uvicorn calls it right after startup, then every 30 s
         ready.value = True
 
-    config = uvicorn.Config(
-        "app.main:worker_app_from_env", factory=True, callback_notify=listening, **uvicorn_options
-    )
+    config = uvicorn.Config(build_app, factory=True, callback_notify=listening, **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -184,9 +216,11 @@ def run_workers(
         # No lock (an Event has one): a worker killed while it holds it would hang this loop.
         ready = context.RawValue(ctypes.c_bool, False)
         process = context.Process(
-            target=_serve, args=(host, port, uvicorn_options, ready), name=f"worker-{index}"
+            target=_serve,
+            args=(host, port, uvicorn_options, ready, os.getpid()),
+            name=f"worker-{index}",
         )
-        process.start()
+        process.start()  # from the main thread: the death signal follows the starting thread
         log.info("worker %d started (pid %s)", index, process.pid)
         return process, ready
 

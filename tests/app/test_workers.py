@@ -4,6 +4,7 @@ already taken (by another program or another instance of this service) is a one-
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -45,7 +47,10 @@ def _workers(pid: int) -> list[int]:
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing: a worker starting opens many
+            continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
     return inodes
@@ -95,15 +100,14 @@ def _spread_of_connections(pid: int, port: int, count: int) -> list[int]:
             conn.close()
 
 
-@pytest.mark.slow
-def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def _two_workers(artifact: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m app --workers 2` on `port`, given once both workers listen (their models
+    warm); its whole process group killed after, whatever became of the supervisor."""
     args = [
         sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
         "--device", "cpu", "--precision", "fp32", "--workers", "2", "--threads", "1",
     ]  # fmt: skip
-    log = tmp_path / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             args,
@@ -115,18 +119,23 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         )
     try:
         deadline = time.time() + 120
-        while True:  # the first process up (a process listens once its model is warm)
+        while len(kids := _workers(process.pid)) < 2 or not all(_listening(w, port) for w in kids):
             assert process.poll() is None, log.read_text()
             assert time.time() < deadline, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
             time.sleep(0.3)
-        while not all(_listening(w, port) for w in _workers(process.pid)):  # both warm
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # none left: the test stopped them all
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(60)
+
+
+@pytest.mark.slow
+def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    with _two_workers(artifact, port, log) as process:
         # Each spawned worker logs like the single process does (it used to log nothing of
         # its own: logging was configured in the parent only).
         assert log.read_text().count("INFO app: serving") == 2, log.read_text()
@@ -187,14 +196,49 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
         assert not _children(process.pid)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(60)
     text = log.read_text()
     assert "Traceback" not in text
     assert "exited with code -9; starting another" in text
     assert "exited with code -9 before it was ready; starting another in 1 s" in text
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs: neither gone nor a zombie its new parent has yet to reap."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_supervisor_is_killed(artifact: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "server.log"
+    with _two_workers(artifact, port, log) as process:
+        orphans = _workers(process.pid)
+        process.kill()  # SIGKILL: the supervisor cannot stop them itself
+        process.wait(10)
+        deadline = time.time() + 30
+        while running := [pid for pid in orphans if _running(pid)]:
+            # They used to serve on, children of PID 1, until killed one by one.
+            assert time.time() < deadline, f"{running} outlived the supervisor\n{log.read_text()}"
+            time.sleep(0.2)
+    workers.claim_port("127.0.0.1", port).close()  # nobody serves there any more
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_worker_whose_supervisor_died_before_it_asked_stops_at_once() -> None:
+    """A parent that died before the request to follow it leaves nothing to fire it: the worker
+    sees its parent changed and sends itself the SIGTERM (0: no process's parent)."""
+    code = (
+        "import signal, sys; from app import workers; "
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(15)); "
+        "workers.stop_with_parent(0); sys.exit(0)"
+    )
+    result = run_cli("-c", code, timeout=60)
+    assert result.returncode == 15, result.stderr
+    assert "the supervisor (pid 0) is gone; this worker stops" in result.stderr
 
 
 def _listening_socket(port: int, *, reuseport: bool) -> socket.socket:
