@@ -6,11 +6,13 @@ bench/serve_load.py, connecting together, landed 31/1, 23/9 and 21/11 on two pro
 model copy did most of the work. With a socket per process the kernel spreads new connections
 over the processes by their address hash (16/16, 17/15 and 17/15 for the same clients). The
 supervisor (this process) forwards SIGTERM and SIGINT to the workers, waits for them to drain,
-and replaces a worker that dies while serving.
+and replaces a worker that dies (see the restart policy below); a worker whose supervisor dies,
+even by SIGKILL, drains and exits too.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -18,6 +20,8 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import uvicorn
@@ -27,9 +31,18 @@ from app.settings import Settings
 
 log = logging.getLogger("app.workers")
 
-# A worker that dies sooner than this after starting is not restarted: the next one would
-# most likely fail the same way (the CLI has already loaded the model once in this process).
-MIN_UPTIME_S = 10.0
+# Restart policy. A worker is ready once it listens (its model is warm).
+# - One that exits before it is ready, at the service's start, stops the service (exit 1):
+#   settings, a model or a memory size that fail one start fail the next the same way.
+# - One that exits after it was ready is replaced at once: what ended it (an OOM kill, a crash
+#   on one request) need not come again, and the others serve meanwhile.
+# - A replacement that exits before it is ready is started again after a pause that doubles
+#   (1, 2, 4, 8 s), the others still serving; after MAX_FAILED_RESTARTS such exits in a row the
+#   service stops (exit 1), rather than loading a model that keeps failing forever.
+FIRST_RESTART_DELAY_S = 1.0
+MAX_FAILED_RESTARTS = 5
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def supported() -> bool:
@@ -37,18 +50,53 @@ def supported() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and os.uname().sysname == "Linux"
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) that other sockets of this user may share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def reuseport_socket(host: str, port: int, *, reuseaddr: bool = True) -> socket.socket:
+    """A socket bound to (host, port) that other SO_REUSEPORT sockets of this user may share."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseaddr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def _port_is_free(host: str, port: int) -> None:
+    """OSError (EADDRINUSE) when anyone listens on (host, port), or holds it as `claim_port`.
+
+    A socket without SO_REUSEPORT cannot bind next to a listening one, whoever owns it, so this
+    also sees the workers of another instance of this service, which the kernel would
+    otherwise let us join (same user, SO_REUSEPORT): clients would get either at random.
+    SO_REUSEADDR lets it bind over connections of an earlier server left in TIME_WAIT."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
+def claim_port(host: str, port: int) -> socket.socket:
+    """The supervisor's hold on (host, port) while it runs: bound, never listening, so the
+    workers' sockets receive every connection. OSError when the port is in use.
+
+    The hold sets SO_REUSEPORT but not SO_REUSEADDR: our workers (SO_REUSEPORT, same user) may
+    bind next to it, and `_port_is_free` in another instance fails against it even before our
+    workers listen (while their models load). Two instances started in the same instant may
+    both pass the check: the kernel offers no atomic test-and-hold for a shared port."""
+    _port_is_free(host, port)
+    try:
+        return reuseport_socket(host, port, reuseaddr=False)
+    except OSError:
+        # Connections of an earlier server without SO_REUSEPORT (one process: plain uvicorn)
+        # left in TIME_WAIT refuse this bind for up to a minute; serve anyway, with a hold
+        # that another instance's check passes until our workers listen, rather than send the
+        # user away from a free port.
+        return reuseport_socket(host, port)
 
 
 def exit_cleanly_after_drain() -> None:
@@ -59,16 +107,97 @@ def exit_cleanly_after_drain() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-def _serve(host: str, port: int, uvicorn_options: dict[str, Any]) -> None:
+def stop_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent (pid `parent`) dies, SIGKILL
+    included, so that it drains and exits rather than serve on, orphaned. Linux only."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        log.warning("no prctl here: this worker will outlive a supervisor killed by SIGKILL")
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(
+            "prctl(PR_SET_PDEATHSIG) failed (%s): this worker will outlive a supervisor killed "
+            "by SIGKILL",
+            os.strerror(ctypes.get_errno()),
+        )
+        return
+    if os.getppid() != parent:  # it died before the request, which then never fires
+        log.warning("the supervisor (pid %d) is gone; this worker stops", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _serve(
+    host: str, port: int, uvicorn_options: dict[str, Any], ready: ctypes.c_bool, supervisor: int
+) -> None:
     """One worker process: its own socket (bound; uvicorn listens on it once the model is
-    warm), then uvicorn on the app built from APP_*."""
+    warm), then uvicorn on the app built from APP_*; `ready` is set once it listens."""
     sock = reuseport_socket(host, port)
     exit_cleanly_after_drain()
+
+    def build_app() -> Any:
+        from app.main import worker_app_from_env
+
+        served = worker_app_from_env()  # quick: the model loads at startup, after this
+        # uvicorn calls this factory once its SIGTERM handler is in place: the signal then
+        # drains the worker. Before, exit_cleanly_after_drain's handler would swallow it.
+        stop_with_parent(supervisor)
+        return served
+
+    async def listening() -> None:  # uvicorn calls it right after startup, then every 30 s
+        ready.value = True
+
     protocol = guarded_protocol(Settings().read_timeout_s)  # APP_*, as the supervisor set them
     config = uvicorn.Config(
-        "app.main:worker_app_from_env", factory=True, http=protocol, **uvicorn_options
+        build_app, factory=True, callback_notify=listening, http=protocol, **uvicorn_options
     )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+@dataclass
+class _Slot:
+    """One of the workers: its current process, and how the processes before it ended."""
+
+    index: int
+    process: BaseProcess
+    ready: ctypes.c_bool  # in shared memory: set by the process once it listens
+    served: bool = False  # a process of this slot got to listen
+    failures: int = 0  # replacements in a row that exited before they were ready
+    restart_at: float | None = None  # time.monotonic() of the next start, once process exited
+
+
+def _restart_delay(slot: _Slot, code: int | None, ready: bool) -> float | None:
+    """Seconds before the slot's next process starts, after one that exited with `code`;
+    None to stop the service (the restart policy above)."""
+    if ready:
+        slot.served, slot.failures = True, 0
+        log.warning("worker %d exited with code %s; starting another", slot.index, code)
+        return 0.0
+    if not slot.served:
+        log.error(
+            "worker %d exited with code %s before it was ready, at startup; stopping, as the "
+            "next would fail the same way (see the error above, or check free memory)",
+            slot.index,
+            code,
+        )
+        return None
+    slot.failures += 1
+    if slot.failures >= MAX_FAILED_RESTARTS:
+        log.error(
+            "worker %d exited with code %s before it was ready, %d times in a row; stopping",
+            slot.index,
+            code,
+            slot.failures,
+        )
+        return None
+    delay = FIRST_RESTART_DELAY_S * 2 ** (slot.failures - 1)
+    log.warning(
+        "worker %d exited with code %s before it was ready; starting another in %g s",
+        slot.index,
+        code,
+        delay,
+    )
+    return delay
 
 
 def _mark_dead(pid: int | None) -> None:
@@ -84,54 +213,57 @@ def run_workers(
 ) -> int:
     """Serve with `count` processes until SIGTERM/SIGINT; 0 after a clean drain, 1 when
     workers kept failing. OSError when the port cannot be bound (reported by the CLI)."""
-    # Bound, never listening: a port held by another program fails here, in one line, and the
-    # workers' sockets (which listen) receive every connection.
-    guard = reuseport_socket(host, port)
+    guard = claim_port(host, port)
     context = multiprocessing.get_context("spawn")  # no forked torch or thread state
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def start(index: int) -> tuple[multiprocessing.process.BaseProcess, float]:
+    def launch(index: int) -> tuple[BaseProcess, ctypes.c_bool]:
+        # No lock (an Event has one): a worker killed while it holds it would hang this loop.
+        ready = context.RawValue(ctypes.c_bool, False)
         process = context.Process(
-            target=_serve, args=(host, port, uvicorn_options), name=f"worker-{index}"
+            target=_serve,
+            args=(host, port, uvicorn_options, ready, os.getpid()),
+            name=f"worker-{index}",
         )
-        process.start()
+        process.start()  # from the main thread: the death signal follows the starting thread
         log.info("worker %d started (pid %s)", index, process.pid)
-        return process, time.monotonic()
+        return process, ready
 
-    workers = [start(i) for i in range(count)]
+    def check(slot: _Slot) -> bool:
+        """Replace the slot's process once it exited, when the policy says; False: stop."""
+        if slot.restart_at is None:
+            if slot.process.is_alive():
+                return True
+            _mark_dead(slot.process.pid)
+            delay = _restart_delay(slot, slot.process.exitcode, slot.ready.value)
+            if delay is None:
+                return False
+            slot.restart_at = time.monotonic() + delay
+        if time.monotonic() >= slot.restart_at:
+            slot.process, slot.ready = launch(slot.index)
+            slot.restart_at = None
+        return True
+
+    slots = [_Slot(i, *launch(i)) for i in range(count)]
     failed = False
     try:
         while not stop.wait(0.5):
-            for index, (process, started) in enumerate(workers):
-                if process.is_alive():
-                    continue
-                _mark_dead(process.pid)
-                if time.monotonic() - started < MIN_UPTIME_S:
-                    log.error(
-                        "worker %d exited with code %s right after starting; stopping",
-                        index,
-                        process.exitcode,
-                    )
-                    failed = True
-                    stop.set()
-                    break
-                log.warning(
-                    "worker %d exited with code %s; starting another", index, process.exitcode
-                )
-                workers[index] = start(index)
+            if not all(check(slot) for slot in slots):
+                failed = True
+                break
     finally:
-        for process, _ in workers:  # each drains its in-flight requests, then exits
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+        for slot in slots:  # each drains its in-flight requests, then exits
+            if slot.process.is_alive() and slot.process.pid is not None:
+                os.kill(slot.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + graceful_shutdown_s + 15
-        for process, _ in workers:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                log.error("worker pid %s did not stop in time; killing it", process.pid)
-                process.kill()
-                process.join()
-            _mark_dead(process.pid)
+        for slot in slots:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                log.error("worker pid %s did not stop in time; killing it", slot.process.pid)
+                slot.process.kill()
+                slot.process.join()
+            _mark_dead(slot.process.pid)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         guard.close()

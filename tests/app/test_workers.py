@@ -1,15 +1,18 @@
 """Several server processes (`--workers 2`): connections spread over them, every one serves,
 /metrics sums them all, a worker that dies is replaced, SIGTERM drains them all; a port
-already taken is a one-line error."""
+already taken (by another program or another instance of this service) is a one-line error."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,9 +21,7 @@ import pytest
 from app import workers
 from tests.app.images import jpeg
 from tests.app.support import free_port, parse_metrics, sample
-from tests.helpers import ROOT, cli_env
-
-pytestmark = pytest.mark.slow
+from tests.helpers import ROOT, cli_env, run_cli
 
 
 def _children(pid: int) -> list[int]:
@@ -46,7 +47,10 @@ def _workers(pid: int) -> list[int]:
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing: a worker starting opens many
+            continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:[") : -1])
     return inodes
@@ -96,14 +100,14 @@ def _spread_of_connections(pid: int, port: int, count: int) -> list[int]:
             conn.close()
 
 
-def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+@contextlib.contextmanager
+def _two_workers(artifact: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m app --workers 2` on `port`, given once both workers listen (their models
+    warm); its whole process group killed after, whatever became of the supervisor."""
     args = [
         sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
         "--device", "cpu", "--precision", "fp32", "--workers", "2", "--threads", "1",
     ]  # fmt: skip
-    log = tmp_path / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             args,
@@ -115,19 +119,23 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         )
     try:
         deadline = time.time() + 120
-        while True:  # the first process up (a process listens once its model is warm)
+        while len(kids := _workers(process.pid)) < 2 or not all(_listening(w, port) for w in kids):
             assert process.poll() is None, log.read_text()
             assert time.time() < deadline, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
             time.sleep(0.3)
-        healthy = time.time()  # both workers started before this
-        while not all(_listening(w, port) for w in _workers(process.pid)):  # both warm
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # none left: the test stopped them all
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(60)
+
+
+@pytest.mark.slow
+def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    with _two_workers(artifact, port, log) as process:
         # Each spawned worker logs like the single process does (it used to log nothing of
         # its own: logging was configured in the parent only).
         assert log.read_text().count("INFO app: serving") == 2, log.read_text()
@@ -155,16 +163,23 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         )
 
         # A worker that dies while serving is replaced, and the service keeps answering.
-        time.sleep(max(0.0, healthy + workers.MIN_UPTIME_S + 1 - time.time()))
         victim, *survivors = _workers(process.pid)
         os.kill(victim, signal.SIGKILL)
-        deadline = time.time() + 60
-        while len(replaced := _workers(process.pid)) < 2 or victim in replaced:
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.2)
-        # While the new worker loads, the other answers everything; once it listens, it answers
-        # too (before the fix, it listened while loading and said 503 'loading the model').
-        [newcomer] = set(replaced) - set(survivors)
+        deadline = time.time() + 90
+
+        def replacement(dead: int) -> int:
+            while len(current := _workers(process.pid)) < 2 or dead in current:
+                assert process.poll() is None, log.read_text()
+                assert time.time() < deadline, log.read_text()
+                time.sleep(0.1)
+            [newcomer] = set(current) - set(survivors)
+            return newcomer
+
+        # Its replacement killed too while it loads (as an OOM kill would) is replaced again
+        # after a pause: the supervisor used to stop the whole service, the survivor included.
+        first = replacement(victim)
+        os.kill(first, signal.SIGKILL)
+        newcomer = replacement(first)
 
         def predict() -> int:
             with httpx.Client() as client:  # a new connection: either process may take it
@@ -181,24 +196,109 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
         assert not _children(process.pid)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(60)
     text = log.read_text()
     assert "Traceback" not in text
     assert "exited with code -9; starting another" in text
+    assert "exited with code -9 before it was ready; starting another in 1 s" in text
 
 
-def test_a_port_in_use_is_a_one_line_error(artifact: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "app", "--checkpoint", str(artifact), "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--workers", "2", "--log-level", "warning"],
-            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs: neither gone nor a zombie its new parent has yet to reap."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_supervisor_is_killed(artifact: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "server.log"
+    with _two_workers(artifact, port, log) as process:
+        orphans = _workers(process.pid)
+        process.kill()  # SIGKILL: the supervisor cannot stop them itself
+        process.wait(10)
+        deadline = time.time() + 30
+        while running := [pid for pid in orphans if _running(pid)]:
+            # They used to serve on, children of PID 1, until killed one by one.
+            assert time.time() < deadline, f"{running} outlived the supervisor\n{log.read_text()}"
+            time.sleep(0.2)
+    workers.claim_port("127.0.0.1", port).close()  # nobody serves there any more
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_worker_whose_supervisor_died_before_it_asked_stops_at_once() -> None:
+    """A parent that died before the request to follow it leaves nothing to fire it: the worker
+    sees its parent changed and sends itself the SIGTERM (0: no process's parent)."""
+    code = (
+        "import signal, sys; from app import workers; "
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(15)); "
+        "workers.stop_with_parent(0); sys.exit(0)"
+    )
+    result = run_cli("-c", code, timeout=60)
+    assert result.returncode == 15, result.stderr
+    assert "the supervisor (pid 0) is gone; this worker stops" in result.stderr
+
+
+def _listening_socket(port: int, *, reuseport: bool) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`: another program's (SO_REUSEADDR, as uvicorn
+    binds) or, with `reuseport`, a worker's of another instance of this service."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_the_port_of_another_instance_is_refused_while_it_serves_and_while_it_loads() -> None:
+    port = free_port()
+    # Its workers listen with SO_REUSEPORT, which the kernel would let this user's sockets join.
+    with _listening_socket(port, reuseport=True), pytest.raises(OSError) as serving:
+        workers.claim_port("127.0.0.1", port)
+    assert serving.value.errno == errno.EADDRINUSE
+    # Before its models are warm nothing listens: only its supervisor's hold is there.
+    with workers.claim_port("127.0.0.1", port), pytest.raises(OSError) as loading:
+        workers.claim_port("127.0.0.1", port)
+    assert loading.value.errno == errno.EADDRINUSE
+
+
+def test_the_workers_of_one_instance_share_its_port() -> None:
+    port = free_port()
+    with (
+        workers.claim_port("127.0.0.1", port),
+        workers.reuseport_socket("127.0.0.1", port) as one,
+        workers.reuseport_socket("127.0.0.1", port) as two,
+    ):
+        one.listen()
+        two.listen()
+
+
+def test_a_port_left_in_time_wait_by_a_one_process_server_can_be_claimed() -> None:
+    with _listening_socket(0, reuseport=False) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            accepted.close()  # the server closes first: its side of the connection waits
+    workers.claim_port("127.0.0.1", port).close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "taken_by", ["another program", "another instance serving", "another instance loading"]
+)
+def test_a_port_in_use_is_a_one_line_error(artifact: Path, taken_by: str) -> None:
+    port = free_port()
+    if taken_by == "another instance loading":
+        taken = workers.claim_port("127.0.0.1", port)
+    else:
+        taken = _listening_socket(port, reuseport=taken_by == "another instance serving")
+    with taken:
+        result = run_cli(
+            "-m", "app", "--checkpoint", artifact, "--host", "127.0.0.1", "--port", str(port),
+            "--device", "cpu", "--workers", "2", "--log-level", "warning", timeout=60,
         )  # fmt: skip
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -209,11 +309,27 @@ def test_a_port_in_use_is_a_one_line_error(artifact: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_restart_policy() -> None:
+    """The policy of app/workers.py, exit by exit (the processes are not needed)."""
+    at_startup = workers._Slot(0, process=None, ready=None)  # type: ignore[arg-type]
+    assert workers._restart_delay(at_startup, 1, ready=False) is None  # it would fail again
+    slot = workers._Slot(0, process=None, ready=None)  # type: ignore[arg-type]
+    assert workers._restart_delay(slot, -9, ready=True) == 0  # killed while serving
+    # Replacements killed while they load: pauses that double, then the service stops.
+    delays = [workers._restart_delay(slot, -9, ready=False) for _ in range(5)]
+    assert delays == [1, 2, 4, 8, None]
+    # A replacement that got ready ends the failures in a row.
+    slot = workers._Slot(0, process=None, ready=None)  # type: ignore[arg-type]
+    delays = [workers._restart_delay(slot, -9, ready=r) for r in (True, False, True, False)]
+    assert delays == [0, 1, 0, 1]
+
+
+@pytest.mark.slow
 def test_workers_that_fail_at_start_stop_the_server_instead_of_restarting_forever(
     artifact: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker that dies within MIN_UPTIME_S of starting is not replaced: the supervisor stops
-    and reports failure (exit 1), rather than respawning a broken worker in a loop."""
+    """A worker that exits before it is ready, at startup, is not replaced: the supervisor
+    stops and reports failure (exit 1), rather than respawning a broken worker in a loop."""
     # The workers build their app from APP_* variables; an invalid one fails each at start.
     monkeypatch.setenv("APP_CHECKPOINT", str(artifact))
     monkeypatch.setenv("APP_MAX_BATCH_SIZE", "0")
