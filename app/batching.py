@@ -11,6 +11,7 @@ The event loop never runs the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -132,7 +133,10 @@ class DynamicBatcher:
             self._queue.put(item)
         futures = [item.future for item in items]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
+            # One future at a time, not gather(): a gather cancelled as the loop shuts down
+            # (uvicorn's forced exit) was logged as 'exception was never retrieved'.
+            async with asyncio.timeout(timeout_s):
+                return [await f for f in futures]
         except TimeoutError:
             raise DeadlineExceeded(f"no result within {timeout_s:g} s") from None
         finally:
@@ -221,4 +225,6 @@ class DynamicBatcher:
             result = probs if isinstance(probs, BaseException) else probs[n]
             by_loop.setdefault(item.loop, []).append((item.future, result))
         for loop, results in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, results)
+            # A closed loop (a forced exit): nobody waits there any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve_all, results)

@@ -7,6 +7,7 @@ warm-up pass has run (Docker and Kubernetes probes wait on it), then 200.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import sys
 import threading
@@ -222,15 +223,24 @@ def create_app(
     settings = settings or Settings()
     state = ServingState(settings, predictor)
 
+    def stop_inference_at_exit() -> None:
+        # A second Ctrl-C makes uvicorn skip the shutdown below; Python exiting while the
+        # inference thread is inside a forward pass then aborted the process ("terminate
+        # called without an active exception"). Let it finish its work first.
+        if state.batcher is not None:
+            state.batcher.stop(settings.graceful_shutdown_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=state.load_and_warm_up, name="model-loader", daemon=True)
         loader.start()
+        atexit.register(stop_inference_at_exit)
         if ready_before_serving:
             await asyncio.to_thread(state.ready.wait)
             if state.status != "ok":
                 raise RuntimeError(state.detail)
         yield
+        atexit.unregister(stop_inference_at_exit)  # the normal way, below
         # SIGTERM: uvicorn has stopped accepting and finished in-flight requests; let the
         # inference thread answer anything still queued, then end it.
         await asyncio.to_thread(loader.join)

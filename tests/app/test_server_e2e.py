@@ -6,12 +6,15 @@ limit, clients that vanish mid-request, and last, SIGTERM while requests are in 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +33,7 @@ from tests.app.support import (
     parse_metrics,
     sample,
     served_probs,
+    start_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -244,3 +248,36 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(server: Server) -> None
         assert response.body.count(b'"prediction":{') == len(request_seeds)
     assert any(after for _, after in results), "every answer came before SIGTERM: nothing drained"
     assert "Traceback" not in server.output()
+
+
+def test_a_second_ctrl_c_under_load_exits_without_aborting(artifact: Path, tmp_path: Path) -> None:
+    """The second Ctrl-C makes uvicorn skip the app's shutdown. Python then exited while the
+    inference thread was inside a forward pass: 'terminate called without an active
+    exception' (SIGABRT), after asyncio's 'exception was never retrieved' errors."""
+    server = start_server(artifact, tmp_path / "server.log")
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=server.url) as client:
+            while not stop.is_set():
+                with contextlib.suppress(httpx.HTTPError):
+                    client.post("/predict/batch", files=images.uploads(*[images.png(1)] * 16))
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            for _ in range(6):
+                pool.submit(load)
+            pause = threading.Event()
+            pause.wait(3)  # the queue fills, the model is busy
+            server.process.send_signal(signal.SIGINT)
+            pause.wait(0.3)
+            server.process.send_signal(signal.SIGINT)
+            code = server.process.wait(timeout=90)
+            stop.set()
+    finally:
+        stop.set()
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+    output = server.output()
+    assert code == 0, output[-3000:]
+    assert "terminate called" not in output and "never retrieved" not in output, output[-3000:]
