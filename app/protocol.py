@@ -97,8 +97,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "(APP_READ_TIMEOUT_S); send the request again",
         )
 
-    def _refuse(self, status: int, code: str, detail: str) -> None:
-        log.warning("%s from %s: %s", status, self.client, detail)
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes it cannot parse as HTTP, in JSON like every other error
+        (uvicorn logs it)."""
+        self._refuse(400, "bad_request", f"{msg.rstrip('.')}: not a valid HTTP/1.1 request", False)
+
+    def _refuse(self, status: int, code: str, detail: str, log_it: bool = True) -> None:
+        if log_it:
+            log.warning("%s from %s: %s", status, self.client, detail)
         body = json.dumps({"error": code, "detail": detail}).encode()
         head = (
             f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"

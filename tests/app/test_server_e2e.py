@@ -205,6 +205,9 @@ def test_clients_that_stall_are_answered_and_disconnected(server: Server) -> Non
             except OSError:  # refused and closed while sending: read the answer
                 break
         _assert_json_error(_answer_within(endless, wait), 431, "headers_too_large")
+    with connect(server) as garbled:  # uvicorn's own refusal, in the service's JSON
+        garbled.sendall(b"GARBAGE\r\n\r\n")
+        _assert_json_error(_answer_within(garbled, wait), 400, "bad_request")
     # Patient clients are not affected: a keep-alive connection, two requests.
     with httpx.Client(base_url=server.url) as client:
         for _ in range(2):
