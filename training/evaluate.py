@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="image-folder tree with test/<class>/* (else: CIFAR-10 download)",
     )
-    parser.add_argument("--download-root", type=Path, default=Path("data"))
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--download-root", type=Path, default=Path("data"),
+                        help="where the CIFAR-10 download is (default: data)")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
+                        help="fp32 (default) or bf16 weights, as the app serves them")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=500, help="default: 500")
     parser.add_argument("--predictions-out", type=Path, help="write {image name: class id} as JSON")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = parser.parse_args(argv)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="measure test accuracy on DIR/test/<class>/*")
     parser.add_argument("--download-root", type=Path, default=None,
                         help="measure test accuracy on the CIFAR-10 download in this folder")  # fmt: skip
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--max-drop", type=float, default=None,
                         help="with test data: fail if the artifact's test accuracy is more than this "
                         f"many points below the checkpoint's (default {MAX_DROP})")  # fmt: skip
