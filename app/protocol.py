@@ -4,10 +4,15 @@ uvicorn bounds neither how long a client may take to send its request headers no
 they may grow (its httptools parser concatenates a header value as it arrives): a connection
 that sends nothing, half its headers, or an endless header holds a socket and memory for as
 long as the client likes, and a few thousand of them exhaust the server's file descriptors.
-Here a connection gets `read_timeout_s` to send each request's headers, and at most
-`MAX_HEAD_BYTES` of them; past either, it is answered 408 or 431 (JSON, as every error of
-this service) and closed. A stalled *body* is the app's to time out (`main.ReadTimeout`),
-where the answer goes through the normal error path.
+
+Here, whenever the connection waits for a request (on connecting, and once the previous
+answer is out and its request fully read), the next request's headers must arrive within
+`read_timeout_s`, and may take at most `MAX_HEAD_BYTES`: past either, the client is answered
+408 or 431 (JSON, as every error of this service) and disconnected; a connection that sent
+nothing of a new request is closed silently (browsers keep spare ones). No clock runs while
+a request is being answered. A body the app stops reading is the app's to time out
+(`main.ReadTimeout`); the rest of a body the app answered without reading must arrive within
+the same timeout, or the connection is closed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import http
 import json
 import logging
+from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -32,63 +38,48 @@ def guarded_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
     })  # fmt: skip
 
 
+class _HeadTooLarge(Exception):
+    """Raised from the parser's callback; httptools wraps it, uvicorn answers 400 (we: 431)."""
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     read_timeout_s: float = 10.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_head = False  # the parser is in a request's line and headers
+        self._head_bytes = 0  # bytes received while it was (whole reads)
+        self._message_done = True  # the last request's body is fully read
         self._refused = False
-        self._expect_head()  # the first request must come, like any later one
+        self._too_large = False
+        self._expect_head()
+
+    # ---- clocks -------------------------------------------------------------------------------
+
+    def _start_clock(self, expired: Callable[[], None]) -> None:
+        self._stop_clock()
+        self._timer = self.loop.call_later(self.read_timeout_s, expired)
+
+    def _stop_clock(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _expect_head(self) -> None:
-        self._reading_head = True
-        self._head_bytes = 0
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.read_timeout_s, self._head_too_slow)
+        """Nothing in flight: the next request's head must come in time."""
+        self._reading_head, self._head_bytes = True, 0
+        self._start_clock(self._head_too_slow)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._refused:
-            return  # what the client still sends after its answer: read and dropped
-        if self._reading_head:
-            # Counted before parsing, chunk by chunk: the parser would buffer it all first.
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(
-                    431,
-                    "headers_too_large",
-                    f"the request line and headers are over {MAX_HEAD_BYTES:,} bytes",
-                )
-                return
-            self._head_bytes += len(data)
-        super().data_received(data)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        # A new request on a kept-alive connection (between requests, uvicorn's keep-alive
-        # timeout closes an idle one); the first request's clock started at connection.
-        if not self._reading_head:
-            self._expect_head()
-
-    def on_headers_complete(self) -> None:
-        self._reading_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().on_headers_complete()
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
 
     def _head_too_slow(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing() or not self._reading_head:
+        self._timer = None
+        if self.transport.is_closing() or not self._reading_head or self._answering():
             return
-        if self._head_bytes == 0 and self.cycle is None:
-            self.transport.close()  # connected and silent (a browser's spare connection)
+        if self._head_bytes == 0 and self._message_done:
+            self.transport.close()  # idle: a spare or kept-alive connection nobody uses
             return
         self._refuse(
             408,
@@ -97,14 +88,83 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             "(APP_READ_TIMEOUT_S); send the request again",
         )
 
+    def _rest_of_body_too_slow(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.close()  # its answer is out; the unread rest never came
+
+    # ---- transport and parser events ----------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what the client still sends after its answer: read and dropped
+        if self._reading_head:
+            # Read by read, before parsing: the parser would buffer an endless header whole.
+            # (A head that arrives in one read is measured exactly in on_headers_complete.)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_too_large()
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._message_done = False
+        if not self._reading_head:  # pipelined behind a request in flight: no clock yet
+            self._reading_head, self._head_bytes = True, 0
+
+    def on_headers_complete(self) -> None:
+        head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if head > MAX_HEAD_BYTES:
+            self._too_large = True
+            raise _HeadTooLarge
+        self._reading_head = False
+        self._stop_clock()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._message_done = True
+        if self.cycle is not None and self.cycle.response_complete and not self._reading_head:
+            self._expect_head()  # answered early, and now its body is in too
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing() or self._answering():
+            return  # closing, or a pipelined request (its head complete) is now answered
+        if self._reading_head:
+            if self._timer is None:  # a pipelined head, partly in: its clock starts now
+                self._start_clock(self._head_too_slow)
+        elif not self._message_done:
+            self._start_clock(self._rest_of_body_too_slow)
+        else:
+            self._expect_head()
+
+    # ---- refusals -----------------------------------------------------------------------------
+
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes it cannot parse as HTTP, in JSON like every other error
-        (uvicorn logs it)."""
+        """uvicorn's answer to bytes it cannot parse as HTTP (it logs them), in JSON like every
+        other error; or to a head found too large once parsed."""
+        if self._too_large:
+            self._refuse_too_large()
+            return
         self._refuse(400, "bad_request", f"{msg.rstrip('.')}: not a valid HTTP/1.1 request", False)
+
+    def _refuse_too_large(self) -> None:
+        self._refuse(
+            431,
+            "headers_too_large",
+            f"the request line and headers are over {MAX_HEAD_BYTES:,} bytes",
+        )
 
     def _refuse(self, status: int, code: str, detail: str, log_it: bool = True) -> None:
         if log_it:
             log.warning("%s from %s: %s", status, self.client, detail)
+        self._stop_clock()
         body = json.dumps({"error": code, "detail": detail}).encode()
         head = (
             f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"

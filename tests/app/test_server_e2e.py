@@ -205,6 +205,22 @@ def test_clients_that_stall_are_answered_and_disconnected(server: Server) -> Non
             except OSError:  # refused and closed while sending: read the answer
                 break
         _assert_json_error(_answer_within(endless, wait), 431, "headers_too_large")
+    with connect(server) as one_read:  # a head over the limit in a single read
+        one_read.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        _assert_json_error(_answer_within(one_read, wait), 431, "headers_too_large")
+    with connect(server) as kept_alive:  # a request answered, then a next one that stalls
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept_alive.settimeout(wait)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += kept_alive.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += kept_alive.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == length
+        kept_alive.sendall(b"\r\n")  # bytes the parser skips: no request begins
+        _assert_json_error(_answer_within(kept_alive, wait), 408, "request_timeout")
     with connect(server) as garbled:  # uvicorn's own refusal, in the service's JSON
         garbled.sendall(b"GARBAGE\r\n\r\n")
         _assert_json_error(_answer_within(garbled, wait), 400, "bad_request")
