@@ -166,6 +166,11 @@ def staged_artifact(
     folder (a lock on it), and a kill at any moment leaves the old artifact or the new one."""
     out_dir = Path(out_dir)
     busy = f"{out_dir} is being written by another export; wait for it to end"
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise UserError(
+            f"{out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; "
+            "create that folder or choose another --out"
+        )
     with ExitStack() as held:
         with _writing_to(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, early
@@ -301,12 +306,24 @@ def _writing_to(out_dir: Path) -> Iterator[None]:
 
 
 def read_index(folder: Path) -> dict[str, Any]:
+    return _index_of(folder, _index_bytes(folder))
+
+
+def _index_bytes(folder: Path) -> bytes:
     path = Path(folder) / INDEX_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {INDEX_NAME}; it is not an exported model folder")
     try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _index_of(folder: Path, data: bytes) -> dict[str, Any]:
+    path = Path(folder) / INDEX_NAME
+    try:
+        index = json.loads(data)
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
     check_header(
         index, path, ARTIFACT_FORMAT, ARTIFACT_VERSION, what="artifact index",
@@ -434,13 +451,28 @@ def load_for_inference(path: Path) -> InferenceModel:
     Everything the app will serve from it is checked here, the metadata before the weights
     are read: a damaged file is one error line."""
     path = Path(path)
-    if path.is_dir() or path.name == INDEX_NAME:
-        folder = path if path.is_dir() else path.parent
-        index = read_index(folder)
-        served = _described(index, "artifact", sha256_file(folder / INDEX_NAME), path)
-        load_weights(served.model, load_artifact_state(folder, index), folder)
-        return _finite(served, path)
-    return checkpoint_for_inference(load_checkpoint(path), path)
+    if not (path.is_dir() or path.name == INDEX_NAME):
+        return checkpoint_for_inference(load_checkpoint(path), path)
+    folder = path if path.is_dir() else path.parent
+    data, retries = _index_bytes(folder), 2
+    while True:
+        try:
+            return _load_artifact(folder, data, path)
+        except CheckpointError:
+            # An export installed another model meanwhile (model.json switched, the shards it
+            # named removed): load that one instead of calling the folder damaged.
+            now = _index_bytes(folder)
+            if now == data or retries == 0:
+                raise
+            data, retries = now, retries - 1
+
+
+def _load_artifact(folder: Path, data: bytes, path: Path) -> InferenceModel:
+    """The artifact that this model.json content (`data`) describes."""
+    index = _index_of(folder, data)
+    served = _described(index, "artifact", hashlib.sha256(data).hexdigest(), path)
+    load_weights(served.model, load_artifact_state(folder, index), folder)
+    return _finite(served, path)
 
 
 def checkpoint_for_inference(ckpt: dict[str, Any], path: Path) -> InferenceModel:

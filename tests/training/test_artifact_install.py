@@ -154,3 +154,32 @@ def test_an_export_that_loses_accuracy_is_refused_and_out_kept(
     assert code == 2
     assert "loses 0.50 points of test accuracy (> --max-drop 0.2)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_load_that_races_an_export_gets_the_new_model(
+    old: dict, new: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server starting while an export installs read the old model.json, then found its
+    shards gone: 'missing; restore it or re-export', for a folder that was fine."""
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    verify, raced = artifact_module.verify_files, []
+
+    def export_in_between(folder: Path, index: dict) -> None:
+        if not raced:  # between reading model.json and reading the shards it names
+            raced.append(True)
+            export_artifact(new, out)
+        verify(folder, index)
+
+    monkeypatch.setattr(artifact_module, "verify_files", export_in_between)
+    loaded = load_for_inference(out)
+    monkeypatch.undo()
+    assert raced and torch.equal(loaded.model.fc3.weight, _fc3(out))
+    assert loaded.info["sha256"] == artifact_module.sha256_file(out / INDEX_NAME)
+
+
+def test_a_dangling_symlink_as_out_is_named(old: dict, tmp_path: Path) -> None:
+    link = tmp_path / "w"
+    link.symlink_to(tmp_path / "gone", target_is_directory=True)
+    with pytest.raises(UserError, match=r"is a symbolic link to .*gone, which does not exist"):
+        export_artifact(old, link)
