@@ -200,6 +200,9 @@ async def _while_connected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler cancelled (a forced shutdown): its work goes too
+        task.cancel()
+        raise
     finally:
         watch.cancel()
     if not task.done():
