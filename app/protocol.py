@@ -9,10 +9,11 @@ Here, whenever the connection waits for a request (on connecting, and once the p
 answer is out and its request fully read), the next request's headers must arrive within
 `read_timeout_s`, and may take at most `MAX_HEAD_BYTES`: past either, the client is answered
 408 or 431 (JSON, as every error of this service) and disconnected; a connection that sent
-nothing of a new request is closed silently (browsers keep spare ones). No clock runs while
-a request is being answered. A body the app stops reading is the app's to time out
-(`main.ReadTimeout`); the rest of a body the app answered without reading must arrive within
-the same timeout, or the connection is closed.
+nothing of a new request is closed silently (browsers keep spare ones; between requests,
+uvicorn's keep-alive timeout does it). No clock runs while a request is being answered. A
+body the app stops reading is the app's to time out (`main.ReadTimeout`); the rest of a body
+the app answered without reading may pause no longer than the same timeout, and must be in
+within `DRAIN_S` (or the timeout, if longer), or the connection is closed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger("app.protocol")
 
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; browsers send a few KB at most
 LINGER_S = 2.0  # after a refusal, how long what the client still sends is read and dropped
+DRAIN_S = 30.0  # at most, for the rest of a body the app answered without reading (nginx's)
 
 
 def guarded_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
@@ -51,6 +53,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = False  # the parser is in a request's line and headers
         self._head_bytes = 0  # bytes received while it was (whole reads)
         self._message_done = True  # the last request's body is fully read
+        self._draining = False  # reading the rest of a body the app answered without it
+        self._drain_started = 0.0
         self._refused = False
         self._too_large = False
         self._expect_head()
@@ -78,8 +82,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing() or not self._reading_head or self._answering():
             return
-        if self._head_bytes == 0 and self._message_done:
-            self.transport.close()  # idle: a spare or kept-alive connection nobody uses
+        if self._head_bytes == 0 and self._message_done:  # idle
+            if self.timeout_keep_alive_task is None:  # uvicorn's keep-alive clock is not on
+                self.transport.close()  # a spare connection that never spoke, or after a body
             return
         self._refuse(
             408,
@@ -90,8 +95,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _rest_of_body_too_slow(self) -> None:
         self._timer = None
+        self._draining = False
         if not self.transport.is_closing():
-            self.transport.close()  # its answer is out; the unread rest never came
+            self.transport.close()  # its answer is out; the unread rest stopped coming
 
     # ---- transport and parser events ----------------------------------------------------------
 
@@ -102,6 +108,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # what the client still sends after its answer: read and dropped
+        if self._draining:  # the rest of an answered body, still coming
+            if self.loop.time() - self._drain_started > max(DRAIN_S, self.read_timeout_s):
+                self._rest_of_body_too_slow()  # trickled: it could go on for hours
+                return
+            self._start_clock(self._rest_of_body_too_slow)  # the pause restarts
         if self._reading_head:
             # Read by read, before parsing: the parser would buffer an endless header whole.
             # (A head that arrives in one read is measured exactly in on_headers_complete.)
@@ -128,7 +139,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._message_done = True
+        self._message_done, self._draining = True, False
         if self.cycle is not None and self.cycle.response_complete and not self._reading_head:
             self._expect_head()  # answered early, and now its body is in too
 
@@ -140,6 +151,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._timer is None:  # a pipelined head, partly in: its clock starts now
                 self._start_clock(self._head_too_slow)
         elif not self._message_done:
+            self._draining, self._drain_started = True, self.loop.time()
             self._start_clock(self._rest_of_body_too_slow)
         else:
             self._expect_head()
