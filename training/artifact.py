@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from training.checkpoint import (
     CheckpointError,
     check_header,
+    fsync_dir,
     load_checkpoint,
     load_weights,
     preprocessing_of,
@@ -276,20 +277,12 @@ def _install(staging: Path, out_dir: Path, shards: list[str]) -> None:
     (a model card) stay."""
     for name in shards:
         os.replace(staging / name, out_dir / name)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     os.replace(staging / INDEX_NAME, out_dir / INDEX_NAME)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     for old in out_dir.iterdir():
         if SHARD_NAME.fullmatch(old.name) and old.name not in shards:
             old.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextmanager
