@@ -254,6 +254,17 @@ def _check_output_path(flag: str, path: Path) -> None:
         raise UserError(f"{flag} {path} cannot be written (permission denied)")
 
 
+def _top_k(text: str) -> int:
+    """--top-k as the server takes it: checked here, not refused once per file."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 10, not {text!r}")
+    return value
+
+
 def _predict(client: Client, images: list[Path], top_k: int) -> int:
     """One JSON line per image, in order; 1 when any image failed, else 0."""
     results = client.predict_many(images, top_k=top_k)
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         parents=[common],
     )
     p_predict.add_argument("images", nargs="+", type=Path)
-    p_predict.add_argument("--top-k", type=int, default=5)
+    p_predict.add_argument("--top-k", type=_top_k, default=5, help="classes per image, 1..10")
     p_eval = sub.add_parser(
         "evaluate", help="accuracy of the served model over HTTP", parents=[common]
     )

@@ -268,3 +268,19 @@ def test_predict_many_refuses_a_concurrency_below_1(concurrency: int) -> None:
     client = Client("http://test", transport=httpx.MockTransport(lambda r: httpx.Response(500)))
     with pytest.raises(ValueError, match="concurrency must be at least 1"):
         client.predict_many([], concurrency=concurrency)
+
+
+@pytest.mark.parametrize("value", ["0", "11", "five"])
+def test_cli_predict_checks_top_k_before_sending_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """No server listens at the URL: a --top-k refused only by the server would read 'cannot
+    reach' here (and with a server, one refusal per file)."""
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg(seed=2))
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", str(image), "--url", url, "--top-k", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--top-k: must be an integer from 1 to 10, not '{value}'" in err
