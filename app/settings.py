@@ -25,6 +25,7 @@ class Settings(BaseSettings):
         cli_prog_name="python -m app",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        cli_hide_none_type=True,  # "--threads int", not "--threads {int,null}"
         cli_exit_on_error=False,  # a mistyped flag: our one-line error, not argparse's usage
         extra="ignore",
         # Empty is unset: Compose passes ${APP_THREADS:-} through as an empty string.

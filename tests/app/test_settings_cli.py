@@ -159,6 +159,8 @@ def test_help_lists_the_flags_and_their_variables() -> None:
     for flag in ("--checkpoint", "--device", "--max-batch-size", "--api-key", "--precision"):
         assert flag in result.stdout
     assert "APP_MAX_BATCH_SIZE" in result.stdout
+    # Optional settings read as their type: "--threads int", not "--threads {int,null}".
+    assert "--threads int" in result.stdout and "null}" not in result.stdout
 
 
 @pytest.mark.parametrize(
