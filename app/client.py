@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--compare", type=Path, help="offline predictions JSON (training.evaluate)")
     p_eval.add_argument("--json-out", type=Path, help="write the full report here")
     args = parser.parse_args(argv)
+    if not args.url.startswith(("http://", "https://")):  # else: "cannot reach ... is it running?"
+        print(f"error: --url {args.url} must start with http:// or https://", file=sys.stderr)
+        return 2
     client = Client(args.url, args.api_key)
     try:
         if args.command == "predict":

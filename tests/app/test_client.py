@@ -284,3 +284,13 @@ def test_cli_predict_checks_top_k_before_sending_anything(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert f"--top-k: must be an integer from 1 to 10, not '{value}'" in err
+
+
+def test_cli_says_a_url_without_its_scheme_is_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg(seed=2))
+    assert main(["predict", str(image), "--url", "localhost:8000"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: --url localhost:8000 must start with http:// or https://"]
