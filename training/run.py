@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the reports on a full disk, a folder gone read-only, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Terminated:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
