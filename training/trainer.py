@@ -128,6 +128,22 @@ def _check_writable(out_dir: Path) -> None:
         ) from None
 
 
+def _new_run_folder(base: Path) -> Path:
+    """`base`, or `base`-2, -3, ...: the first that this call creates. Runs started in the same
+    second (a sweep launched in parallel) each get a folder; they used to share one, and all
+    but the first were refused as 'in use by another training process'."""
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:  # not writable: _check_writable says so, naming the folder
+            return candidate
+        return candidate
+    raise UserError(f"{base}-2 ... -999 all exist; choose an --out-dir")
+
+
 def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distributed) -> Path:
     if resume is not None:
         out_dir = resume.parent
@@ -146,6 +162,8 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
             )
     else:
         out_dir = Path("runs") / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+        if dist_info.is_main:  # the other ranks take rank 0's folder, below
+            out_dir = _new_run_folder(out_dir)
     if dist_info.enabled:  # every rank must agree on one folder (timestamps may differ)
         box = [str(out_dir)]
         dist.broadcast_object_list(box, src=0)
