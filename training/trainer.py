@@ -213,6 +213,15 @@ def _train(
                 f"a resumed run continues in its own folder, {resume.parent}; drop --out-dir"
             )
         cfg = _resume_config(ckpt, cfg, explicit).validate()
+        saved_data = cfg.data_dir
+        if (
+            "data_dir" not in explicit and saved_data is not None
+            and not saved_data.is_absolute() and not saved_data.is_dir()
+        ):  # fmt: skip
+            raise UserError(
+                f"the run's --data-dir {saved_data} was relative to the folder it started in "
+                f"and is not in {Path.cwd()}; resume from there, or pass --data-dir DIR"
+            )
         if ckpt["epoch"] >= cfg.epochs and ckpt.get("test") is not None:
             raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")
         # (All epochs done but no test result: stopped during the final evaluation; resuming
@@ -233,6 +242,14 @@ def _train(
                 on_disk["epoch"], best_epoch,
             )  # fmt: skip
             ckpt["best"] = dict(on_disk)
+    # Absolute in the checkpoints: the resume command that a stopped run prints (an absolute
+    # --resume path) works from any folder; a relative --data-dir used to be looked up again
+    # in whatever folder the resume ran from, and refused as "not a directory".
+    cfg = replace(
+        cfg,
+        data_dir=cfg.data_dir.absolute() if cfg.data_dir is not None else None,
+        download_root=cfg.download_root.absolute(),
+    )
     if cfg.batch_size % dist_info.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} must split evenly over {dist_info.world_size} processes"

@@ -296,6 +296,22 @@ def test_a_stop_during_the_final_evaluation_keeps_the_checkpoints_and_resumes(
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from_epoch"] == 2
 
 
+def test_a_run_with_a_relative_data_dir_resumes_from_any_folder(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped run prints `--resume <absolute path>/last.pt`; run from another folder, that
+    looked for a relative --data-dir there and stopped with '--data-dir cifar10 is not a
+    directory', a flag the user had not passed. The checkpoint keeps the folder absolute."""
+    monkeypatch.chdir(image_tree.parent)
+    config = tiny_config("seed", Path(image_tree.name), run_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    assert Path(load_checkpoint(run_dir / "last.pt")["config"]["data_dir"]).is_absolute()
+    monkeypatch.chdir(run_dir)
+    result = train(config, resume=run_dir / "last.pt")
+    assert load_checkpoint(result.last)["epoch"] == 2 and result.test["accuracy"] >= 0
+
+
 def test_resume_without_the_runs_best_pt_stops_before_training(
     image_tree: Path, run_dir: Path
 ) -> None:
