@@ -6,10 +6,12 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -110,6 +112,29 @@ def _resume_config(ckpt: dict[str, Any], cfg: TrainConfig, explicit: set[str]) -
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise UserError(f"{flags} cannot change when resuming; the run continues with its own")
     return replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDABLE})
+
+
+@contextmanager
+def _deaf_to_stops() -> Iterator[None]:
+    """Ctrl-C (again) and SIGTERM wait while the queued checkpoints reach the disk. A second
+    Ctrl-C used to end the process in the middle of writing last.pt ('terminate called without
+    an active exception'): the epoch just finished was lost, and a half-written temp file left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    told = []
+
+    def wait(signum: int, frame: object) -> None:
+        if not told:
+            told.append(signum)
+            log.warning("writing the last checkpoint before stopping; a moment")
+
+    previous = {sig: signal.signal(sig, wait) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 RUN_FILES = ("best.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
@@ -441,7 +466,8 @@ def _train(
     def stopped(exc: BaseException) -> None:
         """On any exception: what is queued reaches the disk, and the user learns how to go on."""
         if writer is not None:
-            writer.close()
+            with _deaf_to_stops():
+                writer.close()
             if last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
                 log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
 
