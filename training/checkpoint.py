@@ -81,9 +81,29 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except Exception as exc:
+        # A full disk: torch.save's OSError comes wrapped in a RuntimeError from its zip
+        # writer ("unexpected pos ..."), a traceback that never says what went wrong.
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        raise CheckpointError(
+            f"cannot write {path}: {cause.strerror or cause}; {path} was left as it was"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    """The OSError that `exc` is, or that caused it (torch re-raises I/O errors as others)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def fsync_dir(folder: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -55,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, docker stop, a batch scheduler's preemption), stopping the run as Ctrl-C
+    does: the checkpoint being written still reaches the disk, and the resume hint is shown."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -69,14 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     from training.trainer import train  # deferred: --help stays fast
 
+    # By default SIGTERM ends the process at once: a last.pt being written on the background
+    # thread was lost with it (a run stopped early in epoch 2 kept no resumable checkpoint).
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         config = make_config(args.recipe or "seed", **values)
         train(config, resume=args.resume, explicit=explicit)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the reports on a full disk, a folder gone read-only, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

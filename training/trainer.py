@@ -6,10 +6,12 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +114,29 @@ def _resume_config(ckpt: dict[str, Any], cfg: TrainConfig, explicit: set[str]) -
     return replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDABLE})
 
 
+@contextmanager
+def _deaf_to_stops() -> Iterator[None]:
+    """Ctrl-C (again) and SIGTERM wait while the queued checkpoints reach the disk. A second
+    Ctrl-C used to end the process in the middle of writing last.pt ('terminate called without
+    an active exception'): the epoch just finished was lost, and a half-written temp file left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    told = []
+
+    def wait(signum: int, frame: object) -> None:
+        if not told:
+            told.append(signum)
+            log.warning("writing the last checkpoint before stopping; a moment")
+
+    previous = {sig: signal.signal(sig, wait) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 RUN_FILES = ("best.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
 
 
@@ -126,6 +151,22 @@ def _check_writable(out_dir: Path) -> None:
         raise UserError(
             f"cannot write to {out_dir}: {exc.strerror or exc}; choose another --out-dir"
         ) from None
+
+
+def _new_run_folder(base: Path) -> Path:
+    """`base`, or `base`-2, -3, ...: the first that this call creates. Runs started in the same
+    second (a sweep launched in parallel) each get a folder; they used to share one, and all
+    but the first were refused as 'in use by another training process'."""
+    for n in range(1, 1000):
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:  # not writable: _check_writable says so, naming the folder
+            return candidate
+        return candidate
+    raise UserError(f"{base}-2 ... -999 all exist; choose an --out-dir")
 
 
 def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distributed) -> Path:
@@ -146,6 +187,8 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
             )
     else:
         out_dir = Path("runs") / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+        if dist_info.is_main:  # the other ranks take rank 0's folder, below
+            out_dir = _new_run_folder(out_dir)
     if dist_info.enabled:  # every rank must agree on one folder (timestamps may differ)
         box = [str(out_dir)]
         dist.broadcast_object_list(box, src=0)
@@ -195,6 +238,15 @@ def _train(
                 f"a resumed run continues in its own folder, {resume.parent}; drop --out-dir"
             )
         cfg = _resume_config(ckpt, cfg, explicit).validate()
+        saved_data = cfg.data_dir
+        if (
+            "data_dir" not in explicit and saved_data is not None
+            and not saved_data.is_absolute() and not saved_data.is_dir()
+        ):  # fmt: skip
+            raise UserError(
+                f"the run's --data-dir {saved_data} was relative to the folder it started in "
+                f"and is not in {Path.cwd()}; resume from there, or pass --data-dir DIR"
+            )
         if ckpt["epoch"] >= cfg.epochs and ckpt.get("test") is not None:
             raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")
         # (All epochs done but no test result: stopped during the final evaluation; resuming
@@ -215,6 +267,14 @@ def _train(
                 on_disk["epoch"], best_epoch,
             )  # fmt: skip
             ckpt["best"] = dict(on_disk)
+    # Absolute in the checkpoints: the resume command that a stopped run prints (an absolute
+    # --resume path) works from any folder; a relative --data-dir used to be looked up again
+    # in whatever folder the resume ran from, and refused as "not a directory".
+    cfg = replace(
+        cfg,
+        data_dir=cfg.data_dir.absolute() if cfg.data_dir is not None else None,
+        download_root=cfg.download_root.absolute(),
+    )
     if cfg.batch_size % dist_info.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} must split evenly over {dist_info.world_size} processes"
@@ -406,7 +466,8 @@ def _train(
     def stopped(exc: BaseException) -> None:
         """On any exception: what is queued reaches the disk, and the user learns how to go on."""
         if writer is not None:
-            writer.close()
+            with _deaf_to_stops():
+                writer.close()
             if last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
                 log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -84,7 +85,7 @@ def test_crash_during_write_keeps_the_previous_checkpoint(
     save_atomic(_small(1), path)
     before = path.read_bytes()
     monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):
         save_atomic(_small(2), path)
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -96,9 +97,28 @@ def test_crash_during_first_write_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="No space left"):
         save_atomic(_small(1), tmp_path / "last.pt")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_is_one_line_naming_the_file_not_torchs_zip_writer_error(
+    tmp_path: Path,
+) -> None:
+    """torch.save reports a write that fails (disk full, here a file-size limit) as a
+    RuntimeError of its zip writer ("unexpected pos ...") on top of the OSError; training
+    stopped with that traceback. It is a CheckpointError (a one-line error) naming the file."""
+    path = tmp_path / "last.pt"
+    save_atomic(_small(1), path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # Python ignores SIGXFSZ
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot write .*last\.pt: File too large"):
+            save_atomic({"format": FORMAT, "tensor": torch.zeros(1 << 20)}, path)  # 4 MB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    _assert_same(torch.load(path, weights_only=True), _small(1))
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
 
 
 def test_writer_writes_in_order(tmp_path: Path) -> None:
@@ -119,7 +139,7 @@ def test_writer_surfaces_a_write_error_from_close(
     writer = CheckpointWriter()
     monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
     writer.submit(_small(2), tmp_path / "last.pt")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):
         writer.close()
     monkeypatch.undo()
     _assert_same(torch.load(tmp_path / "last.pt", weights_only=True), _small(1))
@@ -138,7 +158,7 @@ def test_writer_surfaces_a_write_error_from_submit_or_wait(
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save_failing_for_a)
     writer = CheckpointWriter()
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):
         writer.submit(_small(1), tmp_path / "a.pt")
         # Raises here when the failed write already finished; else b.pt is queued behind it,
         # skipped, and wait() raises.

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import (
+    ROOT,
     assert_one_line_error,
     cli_env,
     folder_locked_by_another_process,
@@ -133,3 +138,45 @@ def test_two_process_ddp_run(image_tree: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
     for path in out.glob("*.pt"):
         path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signals", "status"),
+    [((signal.SIGTERM,), 128 + signal.SIGTERM), ((signal.SIGINT, signal.SIGINT), 130)],
+    ids=["sigterm", "ctrl-c-twice"],
+)
+def test_a_stop_while_last_pt_is_written_keeps_it(
+    signals: tuple[int, ...], status: int, image_tree: Path, tmp_path: Path
+) -> None:
+    """`kill`, `docker stop` or a scheduler's preemption sends SIGTERM; an impatient user
+    presses Ctrl-C twice. Both used to end the process at once (the second Ctrl-C with an
+    abort, 'terminate called without an active exception') while last.pt was being written in
+    the background right after epoch 1: it was lost, only best.pt and a half-written temp file
+    were left, and the run could not be resumed."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-u", "-m", "training.run", "--data-dir", image_tree, "--device", "cpu",
+        "--epochs", "3", "--batch-size", "8", "--valid-size", "0.25", "--eval-batch-size", "16",
+        "--out-dir", out,
+    ]  # fmt: skip
+    with subprocess.Popen(
+        list(map(str, command)), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                if line.startswith("epoch 1/3"):  # last.pt is being written now
+                    for sig in signals:
+                        process.send_signal(sig)
+                        time.sleep(0.1)
+                    break
+            output = process.communicate(timeout=120)[0]
+        finally:
+            process.kill()
+    assert process.returncode == status, output
+    assert "Traceback" not in output and "terminate called" not in output, output
+    assert f"--resume {out / 'last.pt'}" in output
+    assert load_checkpoint(out / "last.pt")["epoch"] >= 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

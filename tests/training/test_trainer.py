@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -295,6 +296,22 @@ def test_a_stop_during_the_final_evaluation_keeps_the_checkpoints_and_resumes(
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from_epoch"] == 2
 
 
+def test_a_run_with_a_relative_data_dir_resumes_from_any_folder(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped run prints `--resume <absolute path>/last.pt`; run from another folder, that
+    looked for a relative --data-dir there and stopped with '--data-dir cifar10 is not a
+    directory', a flag the user had not passed. The checkpoint keeps the folder absolute."""
+    monkeypatch.chdir(image_tree.parent)
+    config = tiny_config("seed", Path(image_tree.name), run_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    assert Path(load_checkpoint(run_dir / "last.pt")["config"]["data_dir"]).is_absolute()
+    monkeypatch.chdir(run_dir)
+    result = train(config, resume=run_dir / "last.pt")
+    assert load_checkpoint(result.last)["epoch"] == 2 and result.test["accuracy"] >= 0
+
+
 def test_resume_without_the_runs_best_pt_stops_before_training(
     image_tree: Path, run_dir: Path
 ) -> None:
@@ -403,6 +420,30 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     # The lock went with its process: no stale lock to clean up.
     result = train(tiny_config("seed", image_tree, run_dir, epochs=1))
     assert result.last.exists() and result.test["accuracy"] >= 0
+
+
+def test_runs_started_in_the_same_second_get_a_folder_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --out-dir the folder is runs/<recipe>-<time>, to the second: a sweep launched in
+    parallel put its runs in one folder, and all but the first were refused as 'in use by
+    another training process; ... choose another --out-dir' (after decoding the data)."""
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Frozen:
+            return cls(2026, 11, 27, 12, 0, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer_module, "datetime", Frozen)
+    config = TrainConfig(recipe="fast")
+    folders = [trainer_module._choose_out_dir(config, None, Distributed()) for _ in range(3)]
+    assert [f.as_posix() for f in folders] == [
+        "runs/fast-20261127-120000",
+        "runs/fast-20261127-120000-2",
+        "runs/fast-20261127-120000-3",
+    ]
+    assert all(f.is_dir() for f in folders)
 
 
 def test_a_run_that_diverges_stops_with_one_line_and_keeps_its_last_good_epoch(
