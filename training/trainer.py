@@ -164,7 +164,7 @@ def _new_run_folder(base: Path) -> Path:
         except FileExistsError:
             continue
         except OSError:  # not writable: _check_writable says so, naming the folder
-            return candidate
+            pass
         return candidate
     raise UserError(f"{base}-2 ... -999 all exist; choose an --out-dir")
 
