@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from typing import Any
 import httpx
 
 from training.data import list_image_folder, resolve_image_root
-from training.errors import UserError
+from training.errors import UserError, check_output_file
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -246,14 +245,6 @@ def evaluate(
     return report
 
 
-def _check_output_path(flag: str, path: Path) -> None:
-    """Refuse an output file that cannot be written, before the work whose report it holds."""
-    if path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"{flag} {path} must be a file path in an existing folder")
-    if not os.access(path if path.exists() else path.parent, os.W_OK):
-        raise UserError(f"{flag} {path} cannot be written (permission denied)")
-
-
 def _top_k(text: str) -> int:
     """--top-k as the server takes it: checked here, not refused once per file."""
     try:
@@ -315,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             return _predict(client, args.images, args.top_k)
         if args.json_out is not None:
-            _check_output_path("--json-out", args.json_out)  # now: the report must not be lost
+            check_output_file("--json-out", args.json_out)  # now: the report must not be lost
         report = evaluate(client, args.data_dir, args.concurrency, args.compare)
     except (UserError, APIError) as exc:
         print(f"error: {exc}", file=sys.stderr)

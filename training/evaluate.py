@@ -22,7 +22,7 @@ import torch
 from training.artifact import InferenceModel, load_for_inference
 from training.data import Split, load_test_split
 from training.engine import INFERENCE_PRECISIONS, accuracy_report, predict, prepare_for_inference
-from training.errors import UserError
+from training.errors import UserError, check_output_file
 from training.preprocess import InputTransform
 from training.runtime import resolve_device
 
@@ -77,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise UserError("--batch-size must be at least 1")
-        out = args.predictions_out
-        if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        if args.predictions_out is not None:
             # Checked now: the evaluation may take minutes, and its report must not be lost.
-            raise UserError(f"--predictions-out {out} must be a file path in an existing folder")
+            check_output_file("--predictions-out", args.predictions_out)
         loaded = load_for_inference(args.model)
         split, classes, names = load_test_split(args.data_dir, args.download_root)
         device = resolve_device(args.device)

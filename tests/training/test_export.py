@@ -179,3 +179,24 @@ def test_export_and_evaluate_refuse_unusable_paths_in_one_line(
     for out in (tmp_path, tmp_path / "no-such-folder" / "p.json"):  # checked before evaluating
         result = run_cli(*evaluate, "--predictions-out", out)
         assert_one_line_error(result, "--predictions-out")
+
+
+def test_evaluate_refuses_an_unwritable_predictions_file_before_evaluating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only file system (here: os.access says no, as it does there even for root) is
+    named before anything loads: the model path does not even exist, so a check made after
+    loading would report that instead, and one made after evaluating would lose the report."""
+    from training import errors, evaluate
+
+    monkeypatch.setattr(errors.os, "access", lambda path, mode: False)
+    out = tmp_path / "p.json"
+    code = evaluate.main([
+        str(tmp_path / "no-model"), "--data-dir", str(tmp_path), "--predictions-out", str(out),
+    ])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --predictions-out {out} cannot be written (no permission, or a read-only file "
+        "system)"
+    ]
