@@ -284,6 +284,10 @@ def _train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: tune each once
 
+    # Also before decoding; the folder's mkdir would only say "File exists".
+    out = cfg.out_dir if resume is None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir {out} is a file; choose a folder")
     busy = resume.parent if resume is not None else cfg.out_dir
     if busy is not None and busy.is_dir() and not dist_info.enabled:
         # A folder in use is refused before the data is decoded (minutes for a large set);

@@ -422,6 +422,19 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     assert result.last.exists() and result.test["accuracy"] >= 0
 
 
+def test_an_out_dir_that_is_a_file_is_refused_before_decoding(
+    image_tree: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("not a folder")
+    with (
+        patch.object(trainer_module, "load_data", side_effect=AssertionError("decoded")),
+        pytest.raises(UserError, match=r"^--out-dir .*notes.txt is a file; choose a folder$"),
+    ):
+        train(tiny_config("seed", image_tree, out, epochs=1))
+    assert out.read_text() == "not a folder"
+
+
 def test_runs_started_in_the_same_second_get_a_folder_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
