@@ -166,7 +166,10 @@ def staged_artifact(
     normally; if the block raises, `out_dir` is left as it was. One export at a time per
     folder (a lock on it), and a kill at any moment leaves the old artifact or the new one."""
     out_dir = Path(out_dir)
-    busy = f"{out_dir} is being written by another export; wait for it to end"
+    busy = (  # the folder lock is also a training run's (runlock.run_lock)
+        f"{out_dir} is being written by another export or a training run; wait for it to end "
+        "or choose another --out"
+    )
     if out_dir.is_symlink() and not out_dir.exists():
         raise UserError(
             f"{out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; "

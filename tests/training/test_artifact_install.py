@@ -94,7 +94,10 @@ def test_an_export_is_refused_while_another_writes_the_folder(old: dict, tmp_pat
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with (
         folder_locked_by_another_process(out),
-        pytest.raises(UserError, match="being written by another export; wait"),
+        pytest.raises(
+            UserError,
+            match="being written by another export or a training run; wait for it to end or choose ",
+        ),
     ):
         export_artifact(old, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
