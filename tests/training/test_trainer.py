@@ -330,8 +330,11 @@ def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_training(
 ) -> None:
     a_file = run_dir / "a-file"
     a_file.write_text("not a folder")
-    for out in (a_file, a_file / "sub"):
-        with pytest.raises(UserError, match=r"cannot write to .*choose another --out-dir"):
+    for out, message in (
+        (a_file, r"--out-dir .*a-file is a file; choose a folder"),
+        (a_file / "sub", r"cannot write to .*choose another --out-dir"),
+    ):
+        with pytest.raises(UserError, match=message):
             train(tiny_config("seed", image_tree, out))
     # A folder with another run's files but no last.pt (deleted to save space) is not reused.
     used = run_dir / "used"
