@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = make_config(args.recipe or "seed", **values)
         train(config, resume=args.resume, explicit=explicit)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the reports on a full disk, a folder gone read-only, ...
+    except (UserError, OSError) as exc:  # OSError: the reports on a full disk, a read-only folder
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
