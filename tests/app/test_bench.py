@@ -3,13 +3,16 @@ needs: a baseline per round, and per load level only answered requests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from bench import model_alone, serve_load
+from app.main import create_app
+from app.settings import Settings
+from bench import model_alone, request_path, serve_load
 
 
 @pytest.mark.slow
@@ -100,3 +103,38 @@ def test_each_round_is_compared_with_the_model_timed_right_after_it() -> None:
     assert merged.seconds == 4.0 and merged.ok == 300 and merged.server_cpu_s == 2.0
     assert merged.metrics == {"inference_batch_size_count": 8.0}
     assert serve_load.median_range([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+
+
+@pytest.mark.slow
+def test_request_path_times_each_layer_next_to_the_model_alone(
+    artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = request_path.main([
+        "--checkpoint", str(artifact), "--precision", "fp32", "--concurrency", "4",
+        "--batch", "4", "--max-batch-size", "4", "--cycles", "2", "--slice", "0.4",
+        "--slice-warmup", "0.1",
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r[0].strip() != "---"]
+    assert [r[0].strip() for r in rows[1:]] == [
+        "model alone (batch 4)",
+        "batcher",
+        "+ decoding",
+        "the app",
+    ]
+    alone = rows[1]
+    assert alone[2].strip() == "100.0%" and alone[3].strip() == "100.0 (100.0-100.0)%"
+    assert float(alone[4]) == 4.0  # the model alone ran whole batches of --batch
+    for row in rows[1:]:
+        assert float(row[1]) > 0  # images answered in every layer
+        assert 1.0 <= float(row[4]) <= 4.0 and float(row[5]) > 0
+
+
+def test_request_path_stops_on_an_answer_other_than_200() -> None:
+    """A level that failed must not be timed as if it had answered."""
+    app = create_app(Settings(device="cpu", api_key="secret"))  # no key sent: 401
+    post = request_path.asgi_post(app, request_path.multipart_body(b"not read"))
+    with pytest.raises(RuntimeError, match="answered 401"):
+        asyncio.run(post())
