@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from training.data import list_image_folder, resolve_image_root
+from training.data import class_difference, list_image_folder, resolve_image_root
 from training.errors import UserError, check_output_file
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -205,7 +205,10 @@ def evaluate(
     offline = None if compare is None else load_offline_predictions(compare, names, classes)
     served_classes = client.model()["classes"]
     if served_classes != classes:
-        raise UserError(f"the server's classes {served_classes} are not the data's {classes}")
+        raise UserError(
+            "the server's classes are not the data's: "
+            + class_difference(served_classes, "the server", classes, "the data")
+        )
     start = time.perf_counter()
     results = client.predict_many(paths, top_k=1, concurrency=concurrency)
     seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -162,8 +163,13 @@ def list_image_folder(
                 f"class folder {name.encode('utf-8', 'surrogateescape')!r} in {root} is not "
                 "valid UTF-8; rename it"
             ) from None
+        if not name.strip():  # a model with a blank class name is refused when loaded
+            raise UserError(f"class folder {name!r} in {root} has a blank name; rename it")
     if classes is not None and found != classes:
-        raise UserError(f"{root} has classes {found}, but the training set has {classes}")
+        raise UserError(
+            f"{root} has other classes than the training set: "
+            + class_difference(found, str(root), classes, "the training set")
+        )
     extensions = image_extensions()
     paths: list[Path] = []
     labels: list[int] = []
@@ -179,6 +185,29 @@ def list_image_folder(
         paths += files
         labels += [label] * len(files)
     return paths, labels, found
+
+
+def class_difference(a: list[str], a_name: str, b: list[str], b_name: str) -> str:
+    """How two class lists differ, in words: the names only one side has (not both lists in
+    full: with a hundred classes the one that differs would be lost), or the order. Names that
+    differ only in Unicode normalization (a folder copied from macOS) or letter case look alike
+    when printed, so such pairs are pointed out."""
+    only_a = [c for c in a if c not in b]
+    only_b = [c for c in b if c not in a]
+    if not only_a and not only_b:
+        return f"the same {len(a)} classes in another order ({a_name}: {a}; {b_name}: {b})"
+    parts = [f"only in {name}: {names}" for name, names in ((a_name, only_a), (b_name, only_b))
+             if names]  # fmt: skip
+    for x in only_a:
+        for y in only_b:
+            if unicodedata.normalize("NFC", x) == unicodedata.normalize("NFC", y):
+                parts.append(
+                    f"{x!r} and {y!r} differ only in Unicode normalization ({x!a} vs "
+                    f"{y!a}; names copied from macOS are often decomposed): rename one"
+                )
+            elif x.casefold() == y.casefold():
+                parts.append(f"{x!r} and {y!r} differ only in letter case: rename one")
+    return "; ".join(parts)
 
 
 def _decode_chunk(paths: Sequence[Path], size: int) -> np.ndarray:
@@ -212,6 +241,11 @@ def decode_images(paths: Sequence[Path], size: int) -> torch.Tensor:
 def load_image_folder(data_dir: Path, size: int = 32) -> tuple[Split, Split, list[str]]:
     root = resolve_image_root(data_dir)
     train_paths, train_labels, classes = list_image_folder(root / "train")
+    if len(classes) < 2:
+        raise UserError(
+            f"{root / 'train'} has one class folder ({classes[0]!r}); a classifier needs at "
+            f"least two: {root}/train/<class>/<image>, a folder per class"
+        )
     test_paths, test_labels, _ = list_image_folder(root / "test", classes)
     log.info("decoding %d + %d images from %s", len(train_paths), len(test_paths), root)
     train = Split(decode_images(train_paths, size), torch.tensor(train_labels, dtype=torch.long))

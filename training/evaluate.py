@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from training.artifact import InferenceModel, load_for_inference
-from training.data import Split, load_test_split
+from training.data import Split, class_difference, load_test_split
 from training.engine import INFERENCE_PRECISIONS, accuracy_report, predict, prepare_for_inference
 from training.errors import UserError, check_output_file
 from training.preprocess import InputTransform
@@ -40,7 +40,10 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Accuracy report and per-image predictions of `loaded` on `split` (moved to `device`)."""
     if classes != loaded.classes:
-        raise UserError(f"the data's classes {classes} are not the model's {loaded.classes}")
+        raise UserError(
+            "the data's classes are not the model's: "
+            + class_difference(classes, "the data", loaded.classes, "the model")
+        )
     prec = prepare_for_inference(loaded.model, device, precision)
     transform = InputTransform(loaded.preprocessing).to(device)
     images = split.images.to(device)

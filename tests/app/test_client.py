@@ -109,7 +109,9 @@ def test_classes_in_another_order_are_refused_not_miscounted(
 ) -> None:
     """Scores would be silently wrong if class ids meant other classes on the two sides."""
     split, classes, _ = load_test_split(test_tree, tmp_path)
-    with pytest.raises(UserError, match="are not the model's"):
+    with pytest.raises(
+        UserError, match="are not the model's: the same 10 classes in another order"
+    ):
         evaluate_model(
             load_for_inference(artifact), split, classes[::-1], device=torch.device("cpu")
         )
@@ -119,7 +121,7 @@ def test_classes_in_another_order_are_refused_not_miscounted(
         return httpx.Response(200, json={"classes": classes[::-1]})
 
     client = Client("http://test", transport=httpx.MockTransport(handler))
-    with pytest.raises(UserError, match="are not the data's"):
+    with pytest.raises(UserError, match="are not the data's: the same 10 classes in another order"):
         evaluate(client, test_tree)
 
 

@@ -272,12 +272,51 @@ def test_class_folder_without_images(tmp_path: Path, tree_factory: TreeFactory) 
 
 
 def test_test_classes_differ_from_train(tmp_path: Path, tree_factory: TreeFactory) -> None:
+    """The message names the classes that differ, not two long lists to compare by eye."""
     root = tree_factory(tmp_path / "data", n_train=2, n_test=1)
     shutil.rmtree(root / "test" / "green")
+    tree_factory(root, classes=["purple"], n_train=0, n_test=1)
     with pytest.raises(UserError) as info:
         _load(root, tmp_path)
-    assert "['blue', 'red']" in str(info.value)
-    assert "['blue', 'green', 'red']" in str(info.value)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"only in {root / 'test'}: ['purple']" in message
+    assert "only in the training set: ['green']" in message
+
+
+@pytest.mark.parametrize(
+    ("train_name", "test_name", "hint"),
+    [
+        ("caf\u00e9", "cafe\u0301", "differ only in Unicode normalization"),
+        ("Cat", "cat", "differ only in letter case"),
+    ],
+    ids=["nfc-vs-nfd", "case"],
+)
+def test_class_names_that_look_alike_are_pointed_out(
+    tmp_path: Path, tree_factory: TreeFactory, train_name: str, test_name: str, hint: str
+) -> None:
+    """A folder copied from macOS can carry a decomposed 'é': printed, both names look the same,
+    and a message listing the two class lists would show two identical-looking lists."""
+    root = tree_factory(tmp_path / "data", classes=["blue", train_name], n_train=2, n_test=0)
+    tree_factory(root, classes=["blue", test_name], n_train=0, n_test=1)
+    with pytest.raises(UserError) as info:
+        _load(root, tmp_path)
+    assert hint in str(info.value)
+    assert ascii(train_name) in str(info.value) and ascii(test_name) in str(info.value)
+
+
+def test_one_class_is_refused(tmp_path: Path, tree_factory: TreeFactory) -> None:
+    """One class trains to a loss of 0 and 100% accuracy on anything: a mistake, not a model."""
+    root = tree_factory(tmp_path / "data", classes=["cat"], n_train=8, n_test=2)
+    with pytest.raises(UserError, match=r"has one class folder \('cat'\); a classifier needs"):
+        _load(root, tmp_path)
+
+
+def test_blank_class_folder_name_is_refused(tmp_path: Path, tree_factory: TreeFactory) -> None:
+    """The model would train, and then no loader would accept its class names."""
+    root = tree_factory(tmp_path / "data", classes=["blue", " "], n_train=2, n_test=1)
+    with pytest.raises(UserError, match=r"class folder ' ' in .*train has a blank name"):
+        _load(root, tmp_path)
 
 
 def test_missing_test_folder(tmp_path: Path, tree_factory: TreeFactory) -> None:
