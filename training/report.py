@@ -59,9 +59,11 @@ def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], t
     import matplotlib.pyplot as plt
 
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.6 + 0.6 * n))
-    ax.imshow(confusion, cmap="Blues")
+    # A cell is 0.6 inch; with few classes the title and the axis labels set the width.
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.6 * n), max(4.0, 0.6 + 0.6 * n)))
     peak = max(max(row) for row in confusion) or 1
+    # The scale starts at 0, not at the smallest count: the text colour below assumes it.
+    ax.imshow(confusion, cmap="Blues", vmin=0, vmax=peak)
     for i in range(n):
         for j in range(n):
             value = confusion[i][j]
@@ -72,6 +74,7 @@ def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], t
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # "tight" grows the saved canvas to whatever the labels need (long class names included),
+    # where tight_layout could only shrink the axes within a fixed figure, and gave up.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)

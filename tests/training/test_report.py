@@ -1,0 +1,71 @@
+"""The end-of-run figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.colors
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.report import plot_confusion
+
+
+def _ink_on_the_border(path: Path) -> bool:
+    """Whether any non-white pixel touches the image's edge: text cut off by the canvas."""
+    pixels = np.asarray(Image.open(path).convert("L"))
+    edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return bool((edges < 250).any())
+
+
+@pytest.mark.parametrize(
+    "classes",
+    [
+        ["a-rather-long-class-name", "b"],
+        ["cat", "dog", "zebra 2"],
+        [f"class {i}" for i in range(12)],
+    ],
+    ids=["two-classes-long-name", "three-classes", "twelve-classes"],
+)
+def test_confusion_matrix_is_not_cut_off(tmp_path: Path, classes: list[str]) -> None:
+    """With few classes the figure was sized for the matrix alone: the title, the axis labels
+    and long class names were cut off at its edges."""
+    n = len(classes)
+    confusion = [[3 if i == j else 1 for j in range(n)] for i in range(n)]
+    path = tmp_path / "confusion.png"
+    plot_confusion(path, confusion, classes, "AlexNet, recipe fast: test 87.50%")
+    assert not _ink_on_the_border(path)
+
+
+def _luminance(rgba: tuple[float, ...]) -> float:
+    r, g, b = rgba[:3]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+@pytest.mark.parametrize(
+    "confusion",
+    [[[5, 3], [3, 5]], [[3, 3], [3, 3]], [[40, 0, 1], [2, 37, 3], [0, 5, 30]]],
+    ids=["no-zero-cell", "uniform", "typical"],
+)
+def test_confusion_counts_are_legible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, confusion: list[list[int]]
+) -> None:
+    """Each count's colour contrasts with its cell. The colour scale started at the smallest
+    count, not at 0: in a small test set where every cell is above half the largest, the
+    smallest cells were drawn near white and their counts in white."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    classes = [f"c{i}" for i in range(len(confusion))]
+    plot_confusion(tmp_path / "confusion.png", confusion, classes, "title")
+    (ax,) = figures[0].axes
+    (image,) = ax.get_images()
+    counts = [t for t in ax.texts if t.get_text().isdigit()]
+    assert len(counts) == len(confusion) ** 2
+    for text in counts:
+        j, i = (round(v) for v in text.get_position())
+        cell = image.to_rgba(confusion[i][j])
+        ink = matplotlib.colors.to_rgba(text.get_color())
+        assert abs(_luminance(cell) - _luminance(ink)) > 0.4, (i, j, confusion[i][j])
