@@ -308,7 +308,15 @@ def read_index(folder: Path) -> dict[str, Any]:
 def _index_bytes(folder: Path) -> bytes:
     path = Path(folder) / INDEX_NAME
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {INDEX_NAME}; it is not an exported model folder")
+        found = [n for n in ("best.pt", "last.pt") if (Path(folder) / n).is_file()]
+        hint = (
+            f" but a training run's: pass {' or '.join(str(Path(folder) / n) for n in found)}"
+            if found
+            else ""
+        )  # the run's folder, where the README's examples name its checkpoint file
+        raise CheckpointError(
+            f"{folder} has no {INDEX_NAME}; it is not an exported model folder{hint}"
+        )
     try:
         return path.read_bytes()
     except OSError as exc:

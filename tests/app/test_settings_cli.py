@@ -275,6 +275,22 @@ def test_artifact_problems_in_model_json_are_one_line(
     expect_cli_error(["--checkpoint", str(folder)], capsys, "no model.json")
 
 
+def test_a_training_runs_folder_names_its_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--checkpoint runs/fast-.../` (the run, not its file) says which file to pass."""
+    run = tmp_path / "fast-20261127-120000"
+    run.mkdir()
+    for name in ("best.pt", "last.pt", "metrics.jsonl"):
+        (run / name).write_bytes(b"")
+    expect_cli_error(
+        ["--checkpoint", str(run)],
+        capsys,
+        "not an exported model folder but a training run's: pass "
+        f"{run / 'best.pt'} or {run / 'last.pt'}",
+    )
+
+
 def test_a_bad_checkpoint_file_is_one_line(
     served_model: ServedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
