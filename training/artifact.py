@@ -35,7 +35,7 @@ from training.checkpoint import (
     CheckpointError,
     check_header,
     fsync_dir,
-    load_checkpoint,
+    load_checkpoint_and_digest,
     load_weights,
     preprocessing_of,
     state_dict_of,
@@ -456,7 +456,7 @@ def load_for_inference(path: Path) -> InferenceModel:
     are read: a damaged file is one error line."""
     path = Path(path)
     if not (path.is_dir() or path.name == INDEX_NAME):
-        return checkpoint_for_inference(load_checkpoint(path), path)
+        return checkpoint_for_inference(*load_checkpoint_and_digest(path), path)
     folder = path if path.is_dir() else path.parent
     data, retries = _index_bytes(folder), 2
     while True:
@@ -479,9 +479,12 @@ def _load_artifact(folder: Path, data: bytes, path: Path) -> InferenceModel:
     return _finite(served, path)
 
 
-def checkpoint_for_inference(ckpt: dict[str, Any], path: Path) -> InferenceModel:
-    """The model of a loaded training checkpoint, checked as `load_for_inference` checks."""
-    served = _described(ckpt, "training-checkpoint", sha256_file(path), path)
+def checkpoint_for_inference(
+    ckpt: dict[str, Any], checksum: str | None, path: Path
+) -> InferenceModel:
+    """The model of a loaded training checkpoint (`checksum`: of the bytes it was loaded from),
+    checked as `load_for_inference` checks."""
+    served = _described(ckpt, "training-checkpoint", checksum or sha256_file(path), path)
     load_weights(served.model, state_dict_of(ckpt), path)
     return _finite(served, path)
 

@@ -11,6 +11,7 @@ torn one. `CheckpointWriter` does this on a background thread so the GPU keeps t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -166,6 +167,15 @@ class CheckpointWriter:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a training checkpoint; every failure is a one-line CheckpointError."""
+    return load_checkpoint_and_digest(path, map_location, digest=False)[0]
+
+
+def load_checkpoint_and_digest(
+    path: Path, map_location: str | torch.device = "cpu", *, digest: bool = True
+) -> tuple[dict[str, Any], str | None]:
+    """`load_checkpoint`, and the sha256 of the very bytes loaded. Both come from one open
+    file: a running training renames a new last.pt over the path every epoch, and hashing the
+    path again after loading could describe the next epoch's file, not the weights served."""
     path = Path(path)
     if not path.exists():
         # A relative default (the app's weights/) read from another folder: say where we looked.
@@ -186,7 +196,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns before it refuses; the error says it all
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            with open(path, "rb") as f:
+                ckpt = torch.load(f, map_location=map_location, weights_only=True)
+                checksum = _sha256_of(f) if digest else None
     except Exception as exc:
         text = str(exc)
         if "Weights only load failed" in text:  # torch's long refusal: name the object
@@ -204,7 +216,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         ckpt, path, FORMAT, FORMAT_VERSION, what="checkpoint",
         hint="pass a last.pt or best.pt written by python -m training.run",
     )  # fmt: skip
-    return ckpt
+    return ckpt, checksum
+
+
+def _sha256_of(f: Any) -> str:
+    f.seek(0)
+    sha = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        sha.update(chunk)
+    return sha.hexdigest()
 
 
 def _looks_like_torch_save(path: Path) -> bool:

@@ -23,7 +23,7 @@ from training.artifact import (
     load_for_inference,
     staged_artifact,
 )
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint_and_digest
 from training.data import load_test_split
 from training.errors import UserError
 from training.evaluate import evaluate_model
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_drop is not None and not args.max_drop >= 0:  # NaN would refuse nothing
             raise UserError(f"--max-drop must be 0 or more points, not {args.max_drop}")
-        ckpt = load_checkpoint(args.checkpoint)
-        full = checkpoint_for_inference(ckpt, args.checkpoint)  # what it would serve, checked
+        ckpt, checksum = load_checkpoint_and_digest(args.checkpoint)
+        full = checkpoint_for_inference(ckpt, checksum, args.checkpoint)  # what it would serve
         # Checked before it replaces --out: a rejected export leaves the served model as it was.
         with staged_artifact(ckpt, args.out) as staged:
             _check(staged, full, args)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import training.checkpoint as checkpoint_module
+from training.artifact import load_for_inference
 from training.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -285,3 +288,27 @@ def test_writer_waits_for_the_snapshot_copies_before_writing(
     writer.close()
     assert events == ["copies done", "write"]
     _assert_same(torch.load(tmp_path / "last.pt", weights_only=True), _small(1))
+
+
+def test_served_checksum_is_of_the_bytes_loaded_while_training_replaces_the_file(
+    model_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving a running training's last.pt: training renames a new file over it every epoch
+    (seconds apart on a GPU). The checksum /model and /health report was computed by reading
+    the path again after loading, so a rename in between gave the next epoch's checksum for
+    this epoch's weights."""
+    path = tmp_path / "last.pt"
+    shutil.copyfile(model_checkpoint, path)
+    loaded_bytes = hashlib.sha256(path.read_bytes()).hexdigest()
+    real_load = torch.load
+
+    def load_then_next_epoch_lands(*args: Any, **kwargs: Any) -> Any:
+        result = real_load(*args, **kwargs)
+        newer = tmp_path / ".last.pt.tmp"
+        newer.write_bytes(b"the next epoch's checkpoint")
+        os.replace(newer, path)  # as save_atomic does
+        return result
+
+    monkeypatch.setattr(torch, "load", load_then_next_epoch_lands)
+    loaded = load_for_inference(path)
+    assert loaded.info["sha256"] == loaded_bytes
