@@ -14,7 +14,8 @@ python -m app.client evaluate --url http://127.0.0.1:8000 --data-dir DIR
 
 Exit status of `predict`: 0 when every file got a prediction, 1 when some file did not (its
 line has an "error": the server refused it, or it could not be read), 2 when the command could
-not run (bad arguments, no server).
+not run (bad arguments, no server). Of `evaluate`: the same, 1 when some test image got no
+prediction (counted as wrong in the accuracy, and not compared with the offline predictions).
 """
 
 from __future__ import annotations
@@ -239,8 +240,10 @@ def evaluate(
         common = [n for n in names if n in offline and n in predicted]
         differ = [n for n in common if offline[n] != predicted[n]]
         report["compared"] = len(common)
+        report["not_compared"] = sum(n in offline and n not in predicted for n in names)
         report["disagreements"] = len(differ)
-        report["agreement"] = (1 - len(differ) / max(1, len(common))) * 100
+        # None, not 100%, when nothing could be compared (every image refused).
+        report["agreement"] = (1 - len(differ) / len(common)) * 100 if common else None
         report["disagreement_examples"] = {
             n: {"offline": classes[offline[n]], "served": classes[predicted[n]]}
             for n in differ[:20]
@@ -294,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p_predict.add_argument("images", nargs="+", type=Path)
     p_predict.add_argument("--top-k", type=_top_k, default=5, help="classes per image, 1..10")
     p_eval = sub.add_parser(
-        "evaluate", help="accuracy of the served model over HTTP", parents=[common]
+        "evaluate",
+        help="accuracy of the served model over HTTP",
+        epilog="exit status: 0 when every test image got a prediction, 1 when some did not "
+        "(counted as wrong), 2 when the command could not run (bad arguments, no server)",
+        parents=[common],
     )
     p_eval.add_argument("--data-dir", type=Path, required=True, help="DIR/test/<class>/<image>")
     p_eval.add_argument("--concurrency", type=int, default=16, help="requests at a time (>= 1)")
@@ -325,16 +332,29 @@ def main(argv: list[str] | None = None) -> int:
     for name, acc in report["per_class"].items():
         print(f"  {name:<12} {acc:6.2f}%")
     if "disagreements" in report:
-        print(
-            f"agreement with the offline evaluation: {report['agreement']:.2f}% "
-            f"({report['disagreements']} of {report['compared']} images differ)"
-        )
+        refused = report["not_compared"]
+        if report["agreement"] is None:
+            print(f"agreement with the offline evaluation: unknown ({refused} images refused)")
+        else:
+            print(
+                f"agreement with the offline evaluation: {report['agreement']:.2f}% "
+                f"({report['disagreements']} of {report['compared']} images differ"
+                + (f"; {refused} not compared: refused by the server)" if refused else ")")
+            )
     if args.json_out:
         try:
             args.json_out.write_text(json.dumps(report, indent=1))
         except OSError as exc:
             print(f"error: cannot write {args.json_out}: {exc.strerror or exc}", file=sys.stderr)
             return 2
+    if report["errors"]:
+        example = next(iter(report["error_examples"].items()))
+        print(
+            f"{report['errors']} of {report['images']} images got no prediction, e.g. "
+            f"{example[0]}: {example[1]}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -3,12 +3,15 @@ comparison), and the command line's errors."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from PIL import Image
 
 from app.client import APIError, Client, UnreadableFile, evaluate, main
 from tests.app.images import jpeg
@@ -296,3 +299,45 @@ def test_cli_says_a_url_without_its_scheme_is_the_problem(
     assert main(["predict", str(image), "--url", "localhost:8000"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: --url localhost:8000 must start with http:// or https://"]
+
+
+def test_cli_evaluate_with_refused_images_exits_1_and_does_not_count_them_as_agreeing(
+    server: Server, test_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training reads any format PIL reads, the server five: a TIFF test image is refused. The
+    run exited 0, and the agreement line did not say that images went uncompared."""
+    tree = tmp_path / "data"
+    shutil.copytree(test_tree, tree)
+    tiff = tree / "test" / CLASSES[0] / "scan.tif"
+    Image.open(io.BytesIO(jpeg(seed=5))).save(tiff)
+    names = [p.relative_to(tree).as_posix() for p in (tree / "test").rglob("*.*")]
+    offline = tmp_path / "offline.json"
+    offline.write_text(json.dumps(dict.fromkeys(names, 0)))
+    args = ["evaluate", "--url", server.url, "--data-dir", str(tree), "--compare", str(offline)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "21 images over HTTP: " in captured.out and ", 1 errors," in captured.out
+    assert "of 20 images differ; 1 not compared: refused by the server)" in captured.out
+    assert captured.err.splitlines() == [
+        f"1 of 21 images got no prediction, e.g. test/{CLASSES[0]}/scan.tif: HTTP 415 "
+        "unsupported_format: TIFF images are not accepted; send JPEG, PNG, WebP, BMP or GIF"
+    ]
+
+
+def test_evaluate_when_every_image_is_refused_reports_no_agreement(
+    test_tree: Path, tmp_path: Path
+) -> None:
+    """0 of 0 images differing is not 100% agreement."""
+    names = [p.relative_to(test_tree).as_posix() for p in test_tree.rglob("*.jpg")]
+    offline = tmp_path / "offline.json"
+    offline.write_text(json.dumps(dict.fromkeys(names, 0)))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/model":
+            return httpx.Response(200, json={"classes": CLASSES})
+        return httpx.Response(415, json={"error": "not_an_image", "detail": "no"})
+
+    client = Client("http://test", transport=httpx.MockTransport(handler))
+    report = evaluate(client, test_tree, compare=offline)
+    assert report["errors"] == report["not_compared"] == 20
+    assert report["compared"] == 0 and report["agreement"] is None
