@@ -250,7 +250,7 @@ def create_app(
 
     app = FastAPI(
         title="alexnet-serve",
-        summary="AlexNet trained on CIFAR-10, served with dynamic batching.",
+        summary="An AlexNet image classifier (the shipped model: CIFAR-10), served with dynamic batching.",
         version="0.1.0",
         lifespan=lifespan,
     )

@@ -130,6 +130,16 @@ def test_docs_and_openapi_are_served(client: TestClient) -> None:
         assert path in paths
 
 
+def test_the_page_and_the_docs_do_not_call_every_model_a_cifar_10_one(client: TestClient) -> None:
+    """A model trained on one's own image folders is served too: the page's title and lede and
+    /docs' summary said "AlexNet trained on CIFAR-10" whatever was served."""
+    page = client.get("/").text
+    assert "trained on CIFAR-10" not in page and "CIFAR-10 classifier" not in page
+    assert "image classifier" in page
+    summary = client.get("/openapi.json").json()["info"]["summary"]
+    assert "trained on CIFAR-10" not in summary and "image classifier" in summary
+
+
 # ---- /predict ---------------------------------------------------------------------------------
 
 
