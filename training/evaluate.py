@@ -29,6 +29,15 @@ from training.runtime import resolve_device
 log = logging.getLogger(__name__)
 
 
+def check_classes(data_classes: list[str], model_classes: list[str]) -> None:
+    """UserError unless the data's classes are the model's, in the same order."""
+    if data_classes != model_classes:
+        raise UserError(
+            "the data's classes are not the model's: "
+            + class_difference(data_classes, "the data", model_classes, "the model")
+        )
+
+
 def evaluate_model(
     loaded: InferenceModel,
     split: Split,
@@ -39,11 +48,7 @@ def evaluate_model(
     batch_size: int = 500,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Accuracy report and per-image predictions of `loaded` on `split` (moved to `device`)."""
-    if classes != loaded.classes:
-        raise UserError(
-            "the data's classes are not the model's: "
-            + class_difference(classes, "the data", loaded.classes, "the model")
-        )
+    check_classes(classes, loaded.classes)
     prec = prepare_for_inference(loaded.model, device, precision)
     transform = InputTransform(loaded.preprocessing).to(device)
     images = split.images.to(device)

@@ -24,9 +24,9 @@ from training.artifact import (
     staged_artifact,
 )
 from training.checkpoint import load_checkpoint_and_digest
-from training.data import load_test_split
+from training.data import Split, load_test_split
 from training.errors import UserError
-from training.evaluate import evaluate_model
+from training.evaluate import check_classes, evaluate_model
 from training.report import write_text_atomic
 from training.runtime import resolve_device
 
@@ -56,9 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--max-drop must be 0 or more points, not {args.max_drop}")
         ckpt, checksum = load_checkpoint_and_digest(args.checkpoint)
         full = checkpoint_for_inference(ckpt, checksum, args.checkpoint)  # what it would serve
+        test = None
+        if args.data_dir is not None or args.download_root is not None:
+            # Before anything is written: test data that cannot be read, or whose classes are
+            # not the model's, failed only after 58 MB of shards were staged.
+            split, classes, _ = load_test_split(args.data_dir, args.download_root or Path("data"))
+            check_classes(classes, full.classes)
+            test = (split, classes)
         # Checked before it replaces --out: a rejected export leaves the served model as it was.
         with staged_artifact(ckpt, args.out) as staged:
-            _check(staged, full, args)
+            _check(staged, full, args, test)
         print(f"installed in {args.out}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -68,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check(staged: ExportResult, full: InferenceModel, args: argparse.Namespace) -> None:
+def _check(
+    staged: ExportResult,
+    full: InferenceModel,
+    args: argparse.Namespace,
+    test: tuple[Split, list[str]] | None,
+) -> None:
     """Size limits, that the artifact loads as the app will load it, and, with test data, the
     accuracy drop against the checkpoint (recorded in the staged model.json); UserError when
     the artifact fails them."""
@@ -82,13 +94,13 @@ def _check(staged: ExportResult, full: InferenceModel, args: argparse.Namespace)
             f"{args.out} left as it was"
         )
     quantized = load_for_inference(staged.out_dir)
-    if args.data_dir is None and args.download_root is None:
+    if test is None:
         if args.max_drop is not None:
             print("note: --max-drop needs test data (--data-dir or --download-root); the "
                   "artifact's accuracy was not measured", file=sys.stderr)  # fmt: skip
         return
     device = resolve_device(args.device)
-    split, classes, _ = load_test_split(args.data_dir, args.download_root or Path("data"))
+    split, classes = test
     full_report, full_pred = evaluate_model(full, split, classes, device=device)
     quant_report, quant_pred = evaluate_model(quantized, split, classes, device=device)
     drop = full_report["accuracy"] - quant_report["accuracy"]

@@ -21,7 +21,7 @@ from training.artifact import (
     read_index,
     staged_artifact,
 )
-from training.checkpoint import build_model
+from training.checkpoint import build_model, save_atomic
 from training.data import list_image_folder, resolve_image_root
 from training.trainer import RunResult
 
@@ -145,6 +145,32 @@ def test_export_and_evaluate_command_lines(
     correct = sum(by_name[n] == label for n, label in zip(names, labels, strict=True))
     assert report["accuracy"] == pytest.approx(correct / len(names) * 100)
     assert report["accuracy"] == pytest.approx(export["test"]["accuracy"])
+
+
+def test_export_refuses_test_data_of_other_classes_before_writing_anything(
+    ckpt: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The class check ran after the shards were staged: 58 MB written for nothing, and a
+    new --out folder left behind, empty."""
+    from PIL import Image
+
+    from training import export
+
+    last = tmp_path / "last.pt"
+    save_atomic(ckpt, last)
+    for split in ("train", "test"):
+        for name in ("ant", "bee"):  # not the checkpoint's classes
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), (9, 99, 199)).save(folder / "0.png")
+    out = tmp_path / "w"
+    code = export.main([
+        str(last), "--out", str(out), "--data-dir", str(tmp_path / "data"), "--device", "cpu"
+    ])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the data's classes are not the model's: only in the data" in err[0]
+    assert not out.exists()
 
 
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
