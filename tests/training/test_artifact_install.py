@@ -151,7 +151,8 @@ def test_an_export_that_loses_accuracy_is_refused_and_out_kept(
             ({**report, "accuracy": 49.5}, torch.zeros(200)),
         ]
     )
-    monkeypatch.setattr(export_module, "load_test_split", lambda *a: ([0] * 200, [], None))
+    classes = list(old["classes"])  # the data has the model's classes (checked before staging)
+    monkeypatch.setattr(export_module, "load_test_split", lambda *a: ([0] * 200, classes, None))
     monkeypatch.setattr(export_module, "evaluate_model", lambda *a, **k: next(reports))
     code = export_module.main([str(ckpt_path), "--out", str(out), "--data-dir", str(tmp_path)])
     assert code == 2
