@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ from app.decoding import decode_upload
 from app.main import create_app, state_of
 from app.settings import Settings
 from app.state import ServingState
+from bench import model_alone, serve_load
 from bench.serve_load import BOUNDARY, jpeg_uploads
 
 LEVELS = ("model alone", "batcher", "+ decoding", "the app")
@@ -233,7 +233,8 @@ def load_state(checkpoint: Path, device: str, precision: str, max_batch: int, de
 
 
 def median_range(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+    median, low, high = serve_load.median_range(values)
+    return f"{median:.1f} ({low:.1f}-{high:.1f})"
 
 
 async def run(args: argparse.Namespace, app: Any, state: ServingState) -> dict[str, list[Window]]:
@@ -286,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.request_path", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--checkpoint", type=Path, default=Path("weights"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    model_alone.add_model_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=32, help="callers at once")
     parser.add_argument("--batch", type=int, default=32, help="the model alone's batch size")
     parser.add_argument("--max-batch-size", type=int, default=32)
