@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from app.main import create_app, state_of
 from app.settings import Settings
 from app.state import ServingState
 from bench import model_alone, serve_load
-from bench.serve_load import BOUNDARY, jpeg_uploads
+from bench.serve_load import BOUNDARY, jpeg_uploads, multipart_body
 
 LEVELS = ("model alone", "batcher", "+ decoding", "the app")
 TIMEOUT_S = 60.0
@@ -62,17 +63,6 @@ class Window:
     @property
     def mean_batch(self) -> float:
         return self.batch_images / self.batches if self.batches else float("nan")
-
-
-def multipart_body(jpeg: bytes) -> bytes:
-    return (
-        (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + jpeg
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
-    )
 
 
 def asgi_post(app: Any, body: bytes) -> Callable[[], Awaitable[None]]:
@@ -123,9 +113,13 @@ class Levels:
     def __init__(self, app: Any, state: ServingState, jpegs: list[bytes], batch: int) -> None:
         assert state.predictor is not None and state.batcher is not None
         self.state, self.batcher = state, state.batcher
-        size = state.predictor.source_size
-        limit = state.settings.max_image_pixels
-        self.images = [decode_upload(j, max_pixels=limit, size=size) for j in jpegs]
+        # The service's decoding, to its model's source size, under its pixel limit.
+        self.decode = functools.partial(
+            decode_upload,
+            max_pixels=state.settings.max_image_pixels,
+            size=state.predictor.source_size,
+        )
+        self.images = [self.decode(j) for j in jpegs]
         self.jpegs, self.batch = jpegs, batch
         self.posts = [asgi_post(app, multipart_body(j)) for j in jpegs]
 
@@ -152,14 +146,9 @@ class Levels:
         return len(images)
 
     async def _decode_then_predict(self, jpeg: bytes) -> int:
-        s = self.state
-        size = s.predictor.source_size if s.predictor else 32
         with self.batcher.incoming() as ticket:
             loop = asyncio.get_running_loop()
-            image = await loop.run_in_executor(
-                s.decoders,
-                lambda: decode_upload(jpeg, max_pixels=s.settings.max_image_pixels, size=size),
-            )
+            image = await loop.run_in_executor(self.state.decoders, self.decode, jpeg)
             await self.batcher.predict([image], TIMEOUT_S, ticket)
         return 1
 

@@ -69,8 +69,9 @@ def jpeg_uploads(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def http_request(host: str, port: int, jpeg: bytes) -> bytes:
-    body = (
+def multipart_body(jpeg: bytes) -> bytes:
+    """A multipart/form-data body with `jpeg` in field 'file', as /predict takes it."""
+    return (
         (
             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
             "Content-Type: image/jpeg\r\n\r\n"
@@ -78,6 +79,10 @@ def http_request(host: str, port: int, jpeg: bytes) -> bytes:
         + jpeg
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
+
+
+def http_request(host: str, port: int, jpeg: bytes) -> bytes:
+    body = multipart_body(jpeg)
     head = (
         f"POST /predict?top_k=1 HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"

@@ -135,6 +135,6 @@ def test_request_path_times_each_layer_next_to_the_model_alone(
 def test_request_path_stops_on_an_answer_other_than_200() -> None:
     """A level that failed must not be timed as if it had answered."""
     app = create_app(Settings(device="cpu", api_key="secret"))  # no key sent: 401
-    post = request_path.asgi_post(app, request_path.multipart_body(b"not read"))
+    post = request_path.asgi_post(app, serve_load.multipart_body(b"not read"))
     with pytest.raises(RuntimeError, match="answered 401"):
         asyncio.run(post())
