@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,14 +75,20 @@ def load_data(
     valid_size: float,
     split_seed: int,
     source_size: int = 32,
+    while_decoding: Callable[[], None] | None = None,
 ) -> Data:
-    """Load train+test from an image-folder tree, or from torchvision's CIFAR-10 download."""
+    """Load train+test from an image-folder tree, or from torchvision's CIFAR-10 download.
+
+    `while_decoding` runs once during the load: beside the image folders' decoding workers, or
+    after the download's arrays are read (there is nothing to overlap)."""
     if data_dir is not None:
-        full_train, test, classes = load_image_folder(data_dir, source_size)
+        full_train, test, classes = load_image_folder(data_dir, source_size, while_decoding)
         source = f"image folders in {resolve_image_root(data_dir)}"
     else:
         full_train, test, classes = load_cifar10(download_root)
         source = f"torchvision CIFAR-10 in {download_root}"
+        if while_decoding is not None:
+            while_decoding()
     if len(test) == 0:
         raise UserError(f"no test images found ({source})")
     train_idx, valid_idx = split_indices(len(full_train), valid_size, split_seed)
@@ -220,25 +226,44 @@ def _decode_chunk(paths: Sequence[Path], size: int) -> np.ndarray:
     return out
 
 
-def decode_images(paths: Sequence[Path], size: int) -> torch.Tensor:
+DECODE_CHUNK = 1000  # images per task of the decoding pool
+
+
+def decode_images(
+    paths: Sequence[Path], size: int, while_decoding: Callable[[], None] | None = None
+) -> torch.Tensor:
     """Decode and reduce images to uint8 [N, 3, size, size], on every core.
 
     Processes, not threads: for 32x32 images the per-image Python work, which holds the GIL,
     outweighs the decoding (threads took 39 s for CIFAR-10 on 16 cores; see README).
+    `while_decoding`, if given, runs once in this process while the workers decode (or after
+    the decoding, when it is too small to need them).
     """
     workers = min(32, available_cpus())
-    chunk = 1000
-    if workers == 1 or len(paths) <= chunk:
-        return torch.from_numpy(_decode_chunk(paths, size))
-    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    # fork: workers start at once, and they only run PIL and NumPy (no CUDA) before exiting.
+    if workers == 1 or len(paths) <= DECODE_CHUNK:
+        images = torch.from_numpy(_decode_chunk(paths, size))
+        if while_decoding is not None:
+            while_decoding()
+        return images
+    chunks = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    # fork: every worker starts at the first submit, before `while_decoding` may initialize
+    # CUDA here, and they only run PIL and NumPy before exiting.
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        parts = list(pool.map(_decode_chunk, chunks, [size] * len(chunks)))
+        results = pool.map(_decode_chunk, chunks, [size] * len(chunks))  # all submitted now
+        try:
+            if while_decoding is not None:
+                while_decoding()
+            parts = list(results)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # an error or Ctrl-C: stop, do not decode on
+            raise
     return torch.from_numpy(np.concatenate(parts))
 
 
-def load_image_folder(data_dir: Path, size: int = 32) -> tuple[Split, Split, list[str]]:
+def load_image_folder(
+    data_dir: Path, size: int = 32, while_decoding: Callable[[], None] | None = None
+) -> tuple[Split, Split, list[str]]:
     root = resolve_image_root(data_dir)
     train_paths, train_labels, classes = list_image_folder(root / "train")
     if len(classes) < 2:
@@ -248,8 +273,11 @@ def load_image_folder(data_dir: Path, size: int = 32) -> tuple[Split, Split, lis
         )
     test_paths, test_labels, _ = list_image_folder(root / "test", classes)
     log.info("decoding %d + %d images from %s", len(train_paths), len(test_paths), root)
-    train = Split(decode_images(train_paths, size), torch.tensor(train_labels, dtype=torch.long))
-    test = Split(decode_images(test_paths, size), torch.tensor(test_labels, dtype=torch.long))
+    # One pool for both, so `while_decoding` overlaps all of it.
+    images = decode_images(train_paths + test_paths, size, while_decoding)
+    n = len(train_paths)
+    train = Split(images[:n], torch.tensor(train_labels, dtype=torch.long))
+    test = Split(images[n:], torch.tensor(test_labels, dtype=torch.long))
     return train, test, classes
 
 

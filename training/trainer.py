@@ -41,6 +41,7 @@ from training.preprocess import InputTransform, Preprocessing
 from training.recipes import TrainConfig
 from training.runlock import run_lock
 from training.runtime import Distributed, init_distributed, shutdown_distributed
+from training.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,11 @@ def train(
         shutdown_distributed()
 
 
+def _wants_warmup(device: torch.device) -> bool:
+    """GPUs have one-time costs worth overlapping with the decoding (see training.warmup)."""
+    return device.type == "cuda"
+
+
 def _train(
     cfg: TrainConfig,
     resume: Path | None,
@@ -297,12 +303,30 @@ def _train(
 
     t_load = time.perf_counter()
     prep = Preprocessing()
+    warmup_s: float | None = None
+
+    def warm() -> None:
+        nonlocal warmup_s
+        t_warm = time.perf_counter()
+        warm_up(
+            device,
+            batch_size=cfg.batch_size // dist_info.world_size,
+            eval_batch_size=cfg.eval_batch_size,
+            precision=precision,
+            model_config=AlexNetConfig(dropout=cfg.dropout),  # the class count: known later
+            augment=cfg.augment,
+            crop_padding=cfg.crop_padding,
+            prep=prep,
+        )
+        warmup_s = time.perf_counter() - t_warm
+
     data = load_data(
         cfg.data_dir,
         cfg.download_root,
         valid_size=cfg.valid_size,
         split_seed=cfg.split_seed,
         source_size=prep.source_size,
+        while_decoding=warm if _wants_warmup(device) else None,
     )
     if ckpt is not None and (
         data.classes != ckpt["classes"] or len(data.train) != ckpt["data"]["train"]
@@ -322,10 +346,12 @@ def _train(
         data.classes,
         data.source,
     )
+    load_s = time.perf_counter() - t_load
     log.info(
-        "data: %d train / %d validation / %d test images, %d classes, from %s (%.1fs)",
+        "data: %d train / %d validation / %d test images, %d classes, from %s (%.1fs%s)",
         len(data.train), len(data.valid), len(data.test), len(data.classes), data.source,
-        time.perf_counter() - t_load,
+        load_s,
+        "" if warmup_s is None else f"; {device.type.upper()} warm-up {warmup_s:.1f}s of it",
     )  # fmt: skip
 
     torch.manual_seed(cfg.seed)
@@ -592,6 +618,10 @@ def _train(
             "epochs": cfg.epochs,
             "resumed_from_epoch": start_epoch,
             "train_seconds": train_seconds,
+            # Before the training clock starts: decoding and moving the data to the device,
+            # and the GPU warm-up that ran during it (None: no warm-up).
+            "load_seconds": load_s,
+            "warmup_seconds": warmup_s,
             "test": test,
             "best": {**best, "test": best_test},
             "data": data_info,

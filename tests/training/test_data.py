@@ -4,8 +4,11 @@ clear errors for bad data, and the batching/augmentation helpers."""
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import pickle
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import training.data as data_module
 from tests.helpers import CHANNEL, FORMATS, TreeFactory, class_image, write_image
 from training.data import (
+    _decode_chunk,
     batch_slices,
     crop_flip,
     decode_images,
@@ -388,6 +393,65 @@ def test_batch_slices_drop_the_partial_batch_and_split_over_ranks() -> None:
     for whole, a, b in zip(single, rank0, rank1, strict=True):
         assert len(a) == len(b) == 4
         assert torch.equal(torch.cat([a, b]), whole)
+
+
+def test_while_decoding_runs_once_beside_the_decoding_workers(
+    tmp_path: Path, tree_factory: TreeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's GPU warm-up runs here: once, in this process, while worker processes
+    decode (with one CPU there are none, and it runs after the decoding)."""
+    root = tree_factory(tmp_path / "data", n_train=4, n_test=2, formats=(".png",))
+    paths, _, _ = list_image_folder(root / "train")
+    monkeypatch.setattr(data_module, "DECODE_CHUNK", 3)  # 12 images: 4 tasks for the pool
+    seen: list[int] = []
+
+    def beside() -> None:
+        seen.append(len(multiprocessing.active_children()))
+
+    images = decode_images(paths, 32, beside)
+    assert len(seen) == 1
+    if data_module.available_cpus() > 1:
+        assert seen[0] > 0  # the workers were alive while it ran
+    assert torch.equal(images, torch.stack([load_image(p) for p in paths]))
+
+    # Through load_data (train and test in one pool), and for a folder too small for a pool.
+    seen.clear()
+    data = load_data(
+        root, tmp_path / "unused", valid_size=0.25, split_seed=1, while_decoding=beside
+    )
+    assert len(seen) == 1 and len(data.train) + len(data.valid) == 12 and len(data.test) == 6
+    monkeypatch.setattr(data_module, "DECODE_CHUNK", 1000)
+    decode_images(paths, 32, beside)
+    assert len(seen) == 2
+
+
+def _decode_and_mark(paths: list[Path], size: int) -> np.ndarray:
+    """A decoding task that leaves a file behind, to count the tasks that ran."""
+    marks = paths[0].parent.parent.parent / "marks"
+    (marks / f"{os.getpid()}-{time.monotonic_ns()}").touch()
+    time.sleep(0.01)  # long enough that the pool cannot finish before the error arrives
+    return _decode_chunk(paths, size)
+
+
+def test_an_error_while_decoding_stops_the_workers_and_propagates(
+    tmp_path: Path, tree_factory: TreeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tree_factory(tmp_path / "data", n_train=4, n_test=1, formats=(".png",))
+    (tmp_path / "data" / "marks").mkdir()
+    paths, _, _ = list_image_folder(root / "train")
+    monkeypatch.setattr(data_module, "DECODE_CHUNK", 1)
+    monkeypatch.setattr(data_module, "_decode_chunk", _decode_and_mark)  # forked workers see it
+    if data_module.available_cpus() == 1:
+        pytest.skip("one CPU: no decoding workers")
+
+    def fails() -> None:
+        raise KeyboardInterrupt  # Ctrl-C during the warm-up
+
+    with pytest.raises(KeyboardInterrupt):
+        decode_images(paths * 100, 32, fails)
+    assert not multiprocessing.active_children()
+    ran = len(list((tmp_path / "data" / "marks").iterdir()))
+    assert 0 < ran < 1200  # the queued tasks were cancelled, not decoded before raising
 
 
 @pytest.mark.slow

@@ -506,6 +506,25 @@ def test_onecycle_warmup_of_one_step_is_a_clear_error(image_tree: Path, run_dir:
     assert not (run_dir / "last.pt").exists()
 
 
+def test_a_run_with_the_gpu_warm_up_trains_exactly_as_one_without(
+    uninterrupted: dict[str, Any],
+    image_tree: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On CUDA a stand-in model trains two steps while the data decodes (training.warmup);
+    forced on here, the run must come out bit for bit as the one without it."""
+    monkeypatch.setattr(trainer_module, "_wants_warmup", lambda device: True)
+    with caplog.at_level(logging.INFO, logger="training.trainer"):
+        train(tiny_config("fast", image_tree, run_dir, warmup=FAST_WARMUP))
+    assert "CPU warm-up" in caplog.text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["warmup_seconds"] > 0 and summary["load_seconds"] >= summary["warmup_seconds"]
+    assert uninterrupted["summary"]["warmup_seconds"] is None
+    _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
+
+
 # ---- the GPU defaults, where a CPU can check them ---------------------------------------------
 
 
