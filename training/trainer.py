@@ -308,16 +308,20 @@ def _train(
     def warm() -> None:
         nonlocal warmup_s
         t_warm = time.perf_counter()
-        warm_up(
-            device,
-            batch_size=cfg.batch_size // dist_info.world_size,
-            eval_batch_size=cfg.eval_batch_size,
-            precision=precision,
-            model_config=AlexNetConfig(dropout=cfg.dropout),  # the class count: known later
-            augment=cfg.augment,
-            crop_padding=cfg.crop_padding,
-            prep=prep,
-        )
+        try:
+            warm_up(
+                device,
+                batch_size=cfg.batch_size // dist_info.world_size,
+                eval_batch_size=cfg.eval_batch_size,
+                precision=precision,
+                model_config=AlexNetConfig(dropout=cfg.dropout),  # the class count: known later
+                augment=cfg.augment,
+                crop_padding=cfg.crop_padding,
+                prep=prep,
+            )
+        except Exception as exc:  # only a head start: the run itself reports what is wrong
+            log.warning("GPU warm-up failed, training without it: %s", str(exc).split("\n")[0])
+            return
         warmup_s = time.perf_counter() - t_warm
 
     data = load_data(

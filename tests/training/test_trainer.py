@@ -525,6 +525,25 @@ def test_a_run_with_the_gpu_warm_up_trains_exactly_as_one_without(
     _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
 
 
+def test_a_failed_warm_up_is_a_warning_and_the_run_goes_on(
+    image_tree: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(trainer_module, "_wants_warmup", lambda device: True)
+    monkeypatch.setattr(trainer_module, "warm_up", out_of_memory)
+    with caplog.at_level(logging.INFO, logger="training.trainer"):
+        result = train(tiny_config("seed", image_tree, run_dir, epochs=1))
+    assert "GPU warm-up failed, training without it: CUDA out of memory." in caplog.text
+    assert "more detail" not in caplog.text and "warm-up 0" not in caplog.text
+    assert json.loads((run_dir / "summary.json").read_text())["warmup_seconds"] is None
+    assert result.last.exists()
+
+
 # ---- the GPU defaults, where a CPU can check them ---------------------------------------------
 
 
