@@ -9,7 +9,9 @@ In order of importance, skipping optional steps once --budget-s is spent:
 3. only if a `fast` run met its target: export of the best such run (chosen on validation
    accuracy) to OUT/weights (int8 artifact: model.json and shards), with its test accuracy;
 4. bench.profile_step at batch 64 (where recipe seed's step time goes), on CUDA;
-5. bench.train_speed: the notebook's pipeline against ours (table);
+5. each of --seed-variants (other `seed` flag sets, e.g. other --seed values: how far the
+   notebook's final-epoch accuracy swings);
+6. bench.train_speed: the notebook's pipeline against ours (table);
 OUT/results.tgz (rewritten after every step): logs, summaries, metrics and figures of every run
 (the exported run's curves.png and confusion.png among them, so OUT stays within the device
 tool's 8 returned files).
@@ -95,6 +97,11 @@ def main() -> int:
         help="more `fast` runs to try after the first, while the budget lasts: flag sets "
         "separated by ';', e.g. '--epochs 16 --dropout 0.25; --batch-size 512 --lr 0.08'",
     )  # fmt: skip
+    parser.add_argument(
+        "--seed-variants", default="",
+        help="more `seed` runs after the profile, while the budget lasts: flag sets separated "
+        "by ';', e.g. '--seed 1; --seed 2'",
+    )  # fmt: skip
     args = parser.parse_args()
     work, out = args.work, args.out
     EXTRA.extend(["--device", args.device, *shlex.split(args.smoke)])
@@ -140,6 +147,7 @@ def main() -> int:
         )
         summaries += [extra] if extra else []
         pack()
+    seed = None
     if time_left() > 75:
         seed = train("seed", ["--recipe", "seed"], data, work, logs)
         summaries += [seed] if seed else []
@@ -168,6 +176,16 @@ def main() -> int:
         run([sys.executable, "-m", "bench.profile_step", "--batches", "64"],
             logs / "profile_step.txt")  # fmt: skip
         pack()
+    seed_run = seed["train_seconds"] + 20 if seed else 75
+    for k, variant in enumerate(v for v in args.seed_variants.split(";") if v.strip()):
+        if time_left() < seed_run:
+            print(f"# budget spent: skipping seed variant {variant!r}", flush=True)
+            continue
+        extra = train(
+            f"seed-v{k + 1}", ["--recipe", "seed", *shlex.split(variant)], data, work, logs
+        )
+        summaries += [extra] if extra else []
+        pack()
     if not args.skip_bench and time_left() > 45:
         run([sys.executable, "-m", "bench.train_speed", "--data-dir", str(data), "--device", args.device,
              "--steps", "50" if not args.smoke else "2", "--notebook-steps", "30" if not args.smoke else "1",
@@ -178,7 +196,8 @@ def main() -> int:
     for s in summaries:
         print(f"{s['name']:<12} test {s['test']['accuracy']:.2f}%  best-val-weights test "
               f"{s['best']['test']['accuracy']:.2f}%  train {s['train_seconds']:.1f} s  "
-              f"process {s['process_wall_s']:.1f} s  ({s['command']})")  # fmt: skip
+              f"process {s['process_wall_s']:.1f} s  load {s.get('load_seconds') or 0:.1f} s "
+              f"(warm-up {s.get('warmup_seconds') or 0:.1f} s of it)  ({s['command']})")  # fmt: skip
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
