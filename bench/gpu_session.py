@@ -137,16 +137,21 @@ def main() -> int:
         fast = train("fast-eager", ["--recipe", "fast", "--no-cuda-graphs"], data, work, logs)
     summaries += [fast] if fast else []
     pack()
+
+    def variants(recipe: str, flag_sets: str, room: float) -> None:
+        """More runs of `recipe`, one per ';'-separated flag set, while `room` s are left."""
+        for k, variant in enumerate(v for v in flag_sets.split(";") if v.strip()):
+            if time_left() < room:
+                print(f"# budget spent: skipping {recipe} variant {variant!r}", flush=True)
+                continue
+            extra = train(
+                f"{recipe}-v{k + 1}", ["--recipe", recipe, *shlex.split(variant)], data, work, logs
+            )
+            summaries.extend([extra] if extra else [])
+            pack()
+
     per_run = fast["train_seconds"] + 15 if fast else 60  # training plus start-up and test
-    for k, variant in enumerate(v for v in args.variants.split(";") if v.strip()):
-        if time_left() < 75 + per_run:  # leave room for the seed run
-            print(f"# budget spent: skipping variant {variant!r}", flush=True)
-            continue
-        extra = train(
-            f"fast-v{k + 1}", ["--recipe", "fast", *shlex.split(variant)], data, work, logs
-        )
-        summaries += [extra] if extra else []
-        pack()
+    variants("fast", args.variants, 75 + per_run)  # leaving room for the seed run
     seed = None
     if time_left() > 75:
         seed = train("seed", ["--recipe", "seed"], data, work, logs)
@@ -176,16 +181,7 @@ def main() -> int:
         run([sys.executable, "-m", "bench.profile_step", "--batches", "64"],
             logs / "profile_step.txt")  # fmt: skip
         pack()
-    seed_run = seed["train_seconds"] + 20 if seed else 75
-    for k, variant in enumerate(v for v in args.seed_variants.split(";") if v.strip()):
-        if time_left() < seed_run:
-            print(f"# budget spent: skipping seed variant {variant!r}", flush=True)
-            continue
-        extra = train(
-            f"seed-v{k + 1}", ["--recipe", "seed", *shlex.split(variant)], data, work, logs
-        )
-        summaries += [extra] if extra else []
-        pack()
+    variants("seed", args.seed_variants, seed["train_seconds"] + 20 if seed else 75)
     if not args.skip_bench and time_left() > 45:
         run([sys.executable, "-m", "bench.train_speed", "--data-dir", str(data), "--device", args.device,
              "--steps", "50" if not args.smoke else "2", "--notebook-steps", "30" if not args.smoke else "1",
