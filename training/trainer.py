@@ -74,8 +74,9 @@ def _precision(cfg: TrainConfig, device: torch.device) -> Precision:
     return Precision(torch.bfloat16 if bf16 else None, channels_last)
 
 
-def _epochs(n: int) -> str:
-    return f"{n} epoch" if n == 1 else f"{n} epochs"
+def _count(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs': tiny runs (1 epoch of 1 step) are common in tests and smoke runs."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class Diverged(UserError):
@@ -490,8 +491,9 @@ def _train(
     best_state: dict[str, torch.Tensor] | None = None
     show_bar = dist_info.is_main and sys.stderr.isatty()
     log.info(
-        "training %s on %s x%d: %d epochs of %d steps, batch %d, %s%s%s",
-        cfg.recipe, device, dist_info.world_size, cfg.epochs, steps_per_epoch, cfg.batch_size,
+        "training %s on %s x%d: %s of %s, batch %d, %s%s%s",
+        cfg.recipe, device, dist_info.world_size, _count(cfg.epochs, "epoch"),
+        _count(steps_per_epoch, "step"), cfg.batch_size,
         "bf16 autocast" if precision.amp_dtype else "fp32",
         ", channels_last" if precision.channels_last else "",
         ", CUDA graph" if graphs else "",
@@ -606,7 +608,7 @@ def _train(
             "test accuracy %.2f%% (final weights), %.2f%% (best validation, epoch %d); "
             "%s in %.1fs incl. validation",
             test["accuracy"], best_test["accuracy"], best["epoch"],
-            _epochs(cfg.epochs - start_epoch), train_seconds,
+            _count(cfg.epochs - start_epoch, "epoch"), train_seconds,
         )  # fmt: skip
         title = f"AlexNet, recipe {cfg.recipe}"
         report.plot_curves(out_dir / "curves.png", metrics, title)

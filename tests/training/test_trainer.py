@@ -116,6 +116,34 @@ def test_run_writes_reports(seed_run: RunResult) -> None:
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+class StopAtFirstStep(Exception):
+    """Ends a run once the start line is logged: nothing after it is under test."""
+
+
+@pytest.mark.parametrize(
+    ("epochs", "batch_size", "expected"),
+    [(1, 16, ": 1 epoch of 1 step, batch 16,"), (2, 8, ": 2 epochs of 2 steps, batch 8,")],
+)
+def test_the_start_line_says_epoch_and_step_in_the_singular_for_one(
+    image_tree: Path,
+    run_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    epochs: int,
+    batch_size: int,
+    expected: str,
+) -> None:
+    # 18 training images: a batch of 16 makes 1 step, a batch of 8 makes 2.
+    config = tiny_config("seed", image_tree, run_dir, epochs=epochs, batch_size=batch_size)
+
+    def stop(epoch: int, step: int) -> None:
+        raise StopAtFirstStep
+
+    with caplog.at_level(logging.INFO, logger="training.trainer"), pytest.raises(StopAtFirstStep):
+        train(config, hooks=TrainHooks(on_step=stop))
+    start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
+    assert len(start) == 1 and expected in start[0], start
+
+
 def test_build_model_reproduces_the_trained_model(seed_run: RunResult, image_tree: Path) -> None:
     data = load_data(image_tree, image_tree, valid_size=0.25, split_seed=1)
     transform = InputTransform()
