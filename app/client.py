@@ -33,6 +33,7 @@ import httpx
 
 from training.data import class_difference, list_image_folder, resolve_image_root
 from training.errors import UserError, check_output_file
+from training.report import per_class_lines
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -329,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['errors']} errors, {report['requests_per_s']:.1f} requests/s "
         f"(concurrency {report['concurrency']})"
     )
-    for name, acc in report["per_class"].items():
-        print(f"  {name:<12} {acc:6.2f}%")
+    for line in per_class_lines(report["per_class"]):
+        print(line)
     if "disagreements" in report:
         refused = report["not_compared"]
         if report["agreement"] is None:

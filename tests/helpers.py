@@ -133,6 +133,22 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     return lines[0]
 
 
+# Class names for the per-class listings of the command lines: one longer than the 12
+# characters they were once padded to, and short ones.
+LONG_CLASS_NAMES = {"cat": 50.0, "a-rather-long-class-name": 100.0, "dog": 7.5}
+SHORT_CLASS_NAMES = {"cat": 50.0, "dog": 7.5}
+
+
+def assert_per_class_column(stdout: str, per_class: dict[str, float]) -> None:
+    """`stdout` lists `per_class`, one '  name  acc%' line each, in order, with the percentages
+    in one column: each name padded to the longest, and to 12 characters at least."""
+    lines = [line for line in stdout.splitlines() if line.startswith("  ")]
+    assert [line.split()[0] for line in lines] == list(per_class), stdout
+    width = max(12, *map(len, per_class))
+    for line, (name, acc) in zip(lines, per_class.items(), strict=True):
+        assert line == f"  {name.ljust(width)} {acc:6.2f}%", stdout
+
+
 @contextmanager
 def folder_locked_by_another_process(folder: Path) -> Iterator[None]:
     """Another process holds `folder`'s lock (a flock on the folder) until the block ends, as

@@ -24,6 +24,7 @@ from training.data import Split, class_difference, load_test_split
 from training.engine import INFERENCE_PRECISIONS, accuracy_report, predict, prepare_for_inference
 from training.errors import UserError, check_output_file
 from training.preprocess import InputTransform
+from training.report import per_class_lines
 from training.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{args.model}: {report['accuracy']:.2f}% top-1 on {report['images']} images "
               f"({args.precision}, {device}, {report['images_per_s']:.0f} img/s)")  # fmt: skip
-        for name, acc in report["per_class"].items():
-            print(f"  {name:<12} {acc:6.2f}%")
+        for line in per_class_lines(report["per_class"]):
+            print(line)
     if args.predictions_out:
         try:
             args.predictions_out.write_text(

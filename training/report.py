@@ -16,6 +16,14 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     )
 
 
+def per_class_lines(per_class: dict[str, float]) -> list[str]:
+    """One '  <class>  <accuracy>%' line per class, for the command lines that print a report.
+    The names are padded to the longest (12 at least), so the percentages stay in one column
+    when class folders have long names."""
+    width = max([12, *map(len, per_class)])
+    return [f"  {name:<{width}} {acc:6.2f}%" for name, acc in per_class.items()]
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

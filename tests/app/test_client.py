@@ -13,10 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
+import app.client as client_module
 from app.client import APIError, Client, UnreadableFile, evaluate, main
 from tests.app.images import jpeg
 from tests.app.support import CLASSES, Server, free_port
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import (
+    LONG_CLASS_NAMES,
+    SHORT_CLASS_NAMES,
+    assert_one_line_error,
+    assert_per_class_column,
+    run_cli,
+)
 from training.artifact import load_for_inference
 from training.data import load_test_split
 from training.errors import UserError
@@ -341,3 +348,20 @@ def test_evaluate_when_every_image_is_refused_reports_no_agreement(
     report = evaluate(client, test_tree, compare=offline)
     assert report["errors"] == report["not_compared"] == 20
     assert report["compared"] == 0 and report["agreement"] is None
+
+
+@pytest.mark.parametrize("per_class", [LONG_CLASS_NAMES, SHORT_CLASS_NAMES], ids=["long", "short"])
+def test_cli_evaluate_prints_the_per_class_accuracies_in_one_column(
+    per_class: dict[str, float],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Class names longer than 12 characters pushed their percentage out of the column."""
+    report = {
+        "images": 6, "accuracy": 50.0, "errors": 0, "requests_per_s": 1.0, "concurrency": 1,
+        "per_class": per_class,
+    }  # fmt: skip
+    monkeypatch.setattr(client_module, "evaluate", lambda *a: report)
+    assert main(["evaluate", "--data-dir", str(tmp_path)]) == 0
+    assert_per_class_column(capsys.readouterr().out, per_class)

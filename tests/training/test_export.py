@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from tests.app.support import make_checkpoint
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import (
+    LONG_CLASS_NAMES,
+    SHORT_CLASS_NAMES,
+    assert_one_line_error,
+    assert_per_class_column,
+    run_cli,
+)
 from training.artifact import (
     INDEX_NAME,
     export_artifact,
@@ -226,3 +232,21 @@ def test_evaluate_refuses_an_unwritable_predictions_file_before_evaluating(
         f"error: --predictions-out {out} cannot be written (no permission, or a read-only file "
         "system)"
     ]
+
+
+@pytest.mark.parametrize("per_class", [LONG_CLASS_NAMES, SHORT_CLASS_NAMES], ids=["long", "short"])
+def test_evaluate_prints_the_per_class_accuracies_in_one_column(
+    per_class: dict[str, float],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Class names longer than 12 characters pushed their percentage out of the column."""
+    from training import evaluate
+
+    report = {"accuracy": 50.0, "images": 6, "images_per_s": 1.0, "per_class": per_class}
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda path: None)
+    monkeypatch.setattr(evaluate, "load_test_split", lambda *a: (None, list(per_class), []))
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: (report, torch.tensor([])))
+    assert evaluate.main([str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
+    assert_per_class_column(capsys.readouterr().out, per_class)
