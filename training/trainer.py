@@ -33,7 +33,7 @@ from training.checkpoint import (
     model_section,
     to_cpu,
 )
-from training.data import Data, batch_slices, epoch_order, load_data
+from training.data import Data, batch_slices, class_difference, epoch_order, load_data
 from training.engine import Precision, TrainStep, evaluate
 from training.errors import UserError
 from training.model import AlexNet, AlexNetConfig, use_space_to_depth
@@ -153,6 +153,25 @@ def _check_writable(out_dir: Path) -> None:
         raise UserError(
             f"cannot write to {out_dir}: {exc.strerror or exc}; choose another --out-dir"
         ) from None
+
+
+def _check_same_data(data: Data, ckpt: dict[str, Any], resume: Path | None) -> None:
+    """UserError unless `data` has the classes and training-image count the run started with.
+    Only the classes that differ are named: both lists in full hid the one that mattered."""
+    differences = []
+    if data.classes != ckpt["classes"]:
+        differences.append(
+            class_difference(data.classes, "the data", list(ckpt["classes"]), "the run")
+        )
+    if len(data.train) != ckpt["data"]["train"]:
+        differences.append(
+            f"the data has {len(data.train)} training images, the run had {ckpt['data']['train']}"
+        )
+    if differences:
+        raise UserError(
+            f"the data is not what {resume} was trained on: {'; '.join(differences)}; resume "
+            "with the data it was trained on (--data-dir DIR), or start a new run"
+        )
 
 
 def _new_run_folder(base: Path) -> Path:
@@ -333,13 +352,8 @@ def _train(
         source_size=prep.source_size,
         while_decoding=warm if _wants_warmup(device) else None,
     )
-    if ckpt is not None and (
-        data.classes != ckpt["classes"] or len(data.train) != ckpt["data"]["train"]
-    ):
-        raise UserError(
-            f"the data ({len(data.train)} training images, classes {data.classes}) is not what "
-            f"{resume} was trained on ({ckpt['data']['train']} images, classes {ckpt['classes']})"
-        )
+    if ckpt is not None:
+        _check_same_data(data, ckpt, resume)
     if len(data.train) < cfg.batch_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} is larger than the {len(data.train)} training images"

@@ -520,9 +520,20 @@ def test_resume_refuses_changed_settings(
     elsewhere = tiny_config("seed", image_tree, run_dir / "elsewhere")
     with pytest.raises(UserError, match=r"continues in its own folder.*drop --out-dir"):
         train(elsewhere, resume=last, explicit={"out_dir"})
-    other = make_image_tree(tmp_path_factory.mktemp("other"), n_train=4, n_test=1)
-    with pytest.raises(UserError, match=r"is not what .* was trained on \(18 images"):
-        train(tiny_config("seed", other, run_dir), resume=last, explicit={"data_dir"})
+    fewer = make_image_tree(tmp_path_factory.mktemp("fewer"), n_train=4, n_test=1)
+    with pytest.raises(UserError) as info:
+        train(tiny_config("seed", fewer, run_dir), resume=last, explicit={"data_dir"})
+    assert str(info.value) == (
+        f"the data is not what {last} was trained on: the data has 9 training images, the run "
+        "had 18; resume with the data it was trained on (--data-dir DIR), or start a new run"
+    )
+    # Only the classes that differ are named (both lists in full hid them among the others).
+    renamed = make_image_tree(tmp_path_factory.mktemp("renamed"), classes=("red", "green", "teal"))
+    with pytest.raises(UserError) as info:
+        train(tiny_config("seed", renamed, run_dir), resume=last, explicit={"data_dir"})
+    message = str(info.value).replace(str(last), "LAST")
+    assert "LAST was trained on: only in the data: ['teal']; only in the run: ['blue']; " in message
+    assert "green" not in message and "red" not in message and "training images" not in message
     with pytest.raises(UserError, match="already holds a run"):
         train(config)
 
