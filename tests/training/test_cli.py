@@ -14,6 +14,7 @@ import torch
 
 from tests.helpers import (
     ROOT,
+    TreeFactory,
     assert_one_line_error,
     cli_env,
     folder_locked_by_another_process,
@@ -39,6 +40,21 @@ def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
         "--out-dir", tmp_path / "run",
     )  # fmt: skip
     assert_one_line_error(result, "--data-dir /nonexistent is not a directory")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_is_one_line_before_training(
+    tmp_path: Path, tree_factory: TreeFactory
+) -> None:
+    root = tree_factory(tmp_path / "data", n_train=2, n_test=1)
+    bad = root / "train" / "green" / "notes.jpg"
+    bad.write_text("not an image")
+    result = run_cli(
+        "-m", "training.run", "--data-dir", root, "--device", "cpu",
+        "--out-dir", tmp_path / "run",
+    )  # fmt: skip
+    assert_one_line_error(result, f"cannot read image {bad}: ", "remove or replace it")
     assert not (tmp_path / "run").exists()
 
 

@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import time
 import urllib.error
@@ -340,6 +341,42 @@ def test_corrupt_image_names_the_file(tmp_path: Path, tree_factory: TreeFactory)
     assert f"cannot read image {bad}" in str(info.value)
 
 
+def test_unreadable_images_stop_loading_with_the_first_name_and_how_many(
+    tmp_path: Path, tree_factory: TreeFactory
+) -> None:
+    """A truncated JPEG, and text files named like images, in either split: counted over both
+    splits, the first (in the order they are read: train before test) named, and what to do."""
+    root = tree_factory(tmp_path / "data", n_train=2, n_test=1, formats=(".jpg",))
+    whole = (root / "train" / "red" / "000.jpg").read_bytes()
+    truncated = root / "train" / "green" / "truncated.jpg"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError) as info:
+        _load(root, tmp_path)
+    assert re.fullmatch(
+        f"cannot read image {re.escape(str(truncated))}: image file is truncated.*; remove or "
+        "replace it",
+        str(info.value),
+    ), str(info.value)
+
+    (root / "train" / "red" / "notes.jpg").write_text("not an image\n")
+    (root / "test" / "blue" / "notes.png").write_text("not an image either\n")
+    with pytest.raises(UserError) as info:
+        _load(root, tmp_path)
+    assert re.fullmatch(
+        f"cannot read 3 images, the first {re.escape(str(truncated))}: image file is truncated"
+        ".*; remove or replace them",
+        str(info.value),
+    ), str(info.value)
+
+    truncated.unlink()
+    with pytest.raises(UserError) as info:
+        _load(root, tmp_path)
+    assert str(info.value) == (
+        f"cannot read 2 images, the first {root / 'train' / 'red' / 'notes.jpg'}: not an image "
+        "file Pillow can read; remove or replace them"
+    )
+
+
 def test_too_few_images_to_split(image_tree: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"24 training images cannot be split with --valid-size"):
         load_data(image_tree, tmp_path, valid_size=0.01, split_seed=1)
@@ -425,7 +462,7 @@ def test_while_decoding_runs_once_beside_the_decoding_workers(
     assert len(seen) == 2
 
 
-def _decode_and_mark(paths: list[Path], size: int) -> np.ndarray:
+def _decode_and_mark(paths: list[Path], size: int) -> tuple[np.ndarray, list[Any]]:
     """A decoding task that leaves a file behind, to count the tasks that ran."""
     marks = paths[0].parent.parent.parent / "marks"
     (marks / f"{os.getpid()}-{time.monotonic_ns()}").touch()
@@ -472,4 +509,9 @@ def test_large_folder_decodes_in_worker_processes(
     bad = root / "train" / "red" / "zzz.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     with pytest.raises(UserError, match=f"cannot read image {bad}"):
+        load_data(root, tmp_path / "unused", valid_size=0.1, split_seed=1)
+    # Unreadable files in several chunks are counted together, the first named.
+    first = root / "train" / "blue" / "000a.png"
+    first.write_text("not an image")
+    with pytest.raises(UserError, match=f"cannot read 2 images, the first {first}: "):
         load_data(root, tmp_path / "unused", valid_size=0.1, split_seed=1)
