@@ -103,6 +103,23 @@ def test_an_export_is_refused_while_another_writes_the_folder(old: dict, tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_the_staging_folder_of_an_export_in_progress_is_not_removed(
+    old: dict, tmp_path: Path
+) -> None:
+    """Staging folders are removed as stale only under the folder's lock: one that a live
+    export holds the lock for is in use, and a second export must leave it alone."""
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    live = out / f"{artifact_module.STAGING_PREFIX}live"
+    live.mkdir()
+    (live / "model-00001-of-00001.safetensors").write_bytes(b"being written")
+    with folder_locked_by_another_process(out), pytest.raises(UserError, match="being written"):
+        export_artifact(old, out)
+    assert (live / "model-00001-of-00001.safetensors").read_bytes() == b"being written"
+    export_artifact(old, out)  # once that export has ended (killed), its folder is stale
+    assert not live.exists()
+
+
 def test_the_staging_folder_is_inside_out_even_through_a_symlink(old: dict, tmp_path: Path) -> None:
     # A symlinked --out (or a mount point) may sit on another file system than its parent:
     # staging beside it made the final renames fail after the old shards were deleted.
