@@ -297,7 +297,9 @@ def load_image_folder(
     images = decode_images(train_paths + test_paths, size, while_decoding)
     n = len(train_paths)
     train = Split(images[:n], torch.tensor(train_labels, dtype=torch.long))
-    test = Split(images[n:], torch.tensor(test_labels, dtype=torch.long))
+    # A copy: a view would keep the whole decoded set alive for as long as the test images
+    # are (the run's length, on a CPU); the training part is copied by its split anyway.
+    test = Split(images[n:].clone(), torch.tensor(test_labels, dtype=torch.long))
     return train, test, classes
 
 

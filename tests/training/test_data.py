@@ -109,6 +109,8 @@ def test_image_folder_tree_in_mixed_formats(tmp_path: Path) -> None:
     assert classes == ["blue", "green", "red"]  # sorted folder names
     assert full.images.shape == (16, 3, 32, 32) and full.images.dtype == torch.uint8
     assert test.images.shape == (6, 3, 32, 32) and test.images.dtype == torch.uint8
+    # Decoded together, but the test images do not hold the training images' memory.
+    assert test.images.untyped_storage().nbytes() == test.images.nbytes
     assert full.labels.tolist() == [0] * 5 + [1] * 5 + [2] * 6
     assert test.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert full.labels.dtype == torch.int64
