@@ -18,7 +18,7 @@ from app.cli import main
 from app.settings import Settings
 from tests.app.conftest import ServedModel
 from tests.app.support import API_KEY
-from tests.helpers import assert_one_line_error, cli_env, run_cli
+from tests.helpers import ROOT, assert_one_line_error, cli_env, run_cli
 from training.artifact import INDEX_NAME
 
 
@@ -31,6 +31,30 @@ def no_app_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---- Settings ---------------------------------------------------------------------------------
+
+
+def test_the_readme_settings_table_is_every_setting_with_its_flag_and_default() -> None:
+    """README's table is how users learn the settings; it once drifted from the code."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("| `APP_"):
+            cells = [cell.strip() for cell in line.split("|")[1:4]]
+            if " / " in cells[0]:  # `APP_HOST` / `APP_PORT`: a column each, in one row
+                cells = [cell.split(" / ") for cell in cells]
+            else:  # (a default of "CPUs / workers" is one value)
+                cells = [[cell] for cell in cells]
+            for variable, flag, default in zip(*cells, strict=True):
+                rows[variable.strip("`")] = (flag.strip("`"), default.strip("`"))
+    fields = Settings.model_fields
+    assert set(rows) == {f"APP_{name.upper()}" for name in fields}
+    computed = {"CPUs", "CPUs / workers", "unset"}  # said in words, not a value
+    for name, field in fields.items():
+        flag, default = rows[f"APP_{name.upper()}"]
+        assert flag == "--" + name.replace("_", "-"), name
+        if default not in computed:
+            assert default == str(field.default), name
+        else:
+            assert field.default is None, name
 
 
 def test_defaults() -> None:
