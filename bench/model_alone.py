@@ -27,6 +27,7 @@ from types import TracebackType
 import torch
 
 from app.predictor import Predictor, load_predictor
+from training.errors import UserError
 
 
 def _time(predictor: Predictor, batches: list[int], seconds: float) -> dict[int, dict]:
@@ -78,7 +79,8 @@ class Resident:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line:
             self.close()
-            raise RuntimeError(f"{self._cmd} exited with code {proc.wait()}")
+            # Its own one-line error (a bad --checkpoint, no CUDA) is on stderr above.
+            raise SystemExit(f"error: the timing process exited with code {proc.wait()}")
         return json.loads(line)
 
     def time(self, seconds: float) -> dict:
@@ -131,7 +133,10 @@ def measure(
 
 def _serve_timings(args: argparse.Namespace, batches: list[int]) -> None:
     """The child of `Resident`: load, say what is served, then time on each line of input."""
-    predictor = load_predictor(args.checkpoint, args.device, args.precision)
+    try:
+        predictor = load_predictor(args.checkpoint, args.device, args.precision)
+    except UserError as exc:  # a missing or foreign checkpoint, CUDA asked for and absent
+        raise SystemExit(f"error: {exc}") from None
     choose = args.precision == "auto" and predictor.device.type == "cpu"
     predictor.warm_up(max(batches), choose_precision=choose)
     device = predictor.device

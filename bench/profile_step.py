@@ -265,6 +265,8 @@ def main() -> None:
     parser.add_argument("--sections", default="kernels,step,blocks",
                         help="which to run, in this order: kernels, step, blocks")  # fmt: skip
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench.profile_step times CUDA kernels and needs a GPU; none here")
     torch.backends.cudnn.benchmark = True  # as the seed recipe trains
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "

@@ -28,6 +28,16 @@ def test_model_alone_in_two_processes_sums_their_throughput(artifact: Path) -> N
 
 
 @pytest.mark.slow
+def test_a_bad_checkpoint_is_one_line_not_a_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit, match="error: the timing process exited with code 1"):
+        model_alone.main(["--checkpoint", str(tmp_path / "missing"), "--seconds", "0.1"])
+    err = capfd.readouterr().err
+    assert f"error: checkpoint {tmp_path / 'missing'} does not exist" in err
+    assert "Traceback" not in err
+
+
 def test_resident_model_alone_times_again_without_reloading(artifact: Path) -> None:
     with model_alone.Resident(artifact, "cpu", "fp32", [1, 2], threads=1) as resident:
         pid = resident._running[0].pid
