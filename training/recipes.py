@@ -56,8 +56,12 @@ class TrainConfig:
         None, "capture the whole training step as a CUDA graph (default: on with one GPU)"
     )
     cudnn_benchmark: bool = option(
-        True, "CUDA: time cuDNN's algorithms for each conv shape once, at the first steps "
-        "(counted in the training time; off: cuDNN's heuristics choose)",
+        True, "CUDA: time cuDNN's algorithms for each conv shape once (during the GPU warm-up, "
+        "else at the first steps; off: cuDNN's heuristics choose)",
+    )  # fmt: skip
+    gpu_warmup: bool = option(
+        True, "CUDA: pay the one-time costs (kernel loading, cuDNN's autotuning) on a stand-in "
+        "model while the images decode (off: in the first steps, on the training clock)",
     )  # fmt: skip
     eval_batch_size: int = option(1000, "images per forward pass when evaluating")
     out_dir: Path | None = option(

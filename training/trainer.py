@@ -46,7 +46,7 @@ from training.warmup import warm_up
 log = logging.getLogger(__name__)
 
 # Settings a resumed run may change: where things are, not what is computed.
-RESUME_OVERRIDABLE = {"device", "data_dir", "download_root", "eval_batch_size"}
+RESUME_OVERRIDABLE = {"device", "data_dir", "download_root", "eval_batch_size", "gpu_warmup"}
 
 
 @dataclass
@@ -350,7 +350,7 @@ def _train(
         valid_size=cfg.valid_size,
         split_seed=cfg.split_seed,
         source_size=prep.source_size,
-        while_decoding=warm if _wants_warmup(device) else None,
+        while_decoding=warm if cfg.gpu_warmup and _wants_warmup(device) else None,
     )
     if ckpt is not None:
         _check_same_data(data, ckpt, resume)

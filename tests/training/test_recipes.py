@@ -9,6 +9,7 @@ import pytest
 from training.errors import UserError
 from training.recipes import FAST, TrainConfig, make_config
 from training.run import build_parser
+from training.trainer import _resume_config
 
 
 def test_seed_recipe_is_the_notebook() -> None:
@@ -94,3 +95,16 @@ def test_cudnn_benchmark_follows_the_recipe_unless_a_flag_says() -> None:
     assert make_config("fast", cudnn_benchmark=on.cudnn_benchmark).cudnn_benchmark is True
     off = build_parser().parse_args(["--no-cudnn-benchmark"])
     assert make_config("seed", cudnn_benchmark=off.cudnn_benchmark).cudnn_benchmark is False
+
+
+def test_the_gpu_warm_up_is_on_unless_turned_off_and_a_resume_may_turn_it_off() -> None:
+    assert make_config("seed").gpu_warmup and make_config("fast").gpu_warmup
+    off = build_parser().parse_args(["--no-gpu-warmup"])
+    cfg = make_config("seed", gpu_warmup=off.gpu_warmup)
+    assert cfg.gpu_warmup is False
+    # Where the time goes, not what is computed: a resumed run may change it.
+    resumed = _resume_config({"config": make_config("seed").to_dict()}, cfg, {"gpu_warmup"})
+    assert resumed.gpu_warmup is False
+    # A checkpoint from before the setting existed resumes with it on.
+    old = {k: v for k, v in make_config("seed").to_dict().items() if k != "gpu_warmup"}
+    assert _resume_config({"config": old}, make_config("seed"), set()).gpu_warmup is True

@@ -564,6 +564,19 @@ def test_a_run_with_the_gpu_warm_up_trains_exactly_as_one_without(
     _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
 
 
+def test_no_gpu_warmup_turns_the_warm_up_off(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trainer_module, "_wants_warmup", lambda device: True)
+    monkeypatch.setattr(trainer_module, "warm_up", _never_called)
+    train(tiny_config("seed", image_tree, run_dir, epochs=1, gpu_warmup=False))
+    assert json.loads((run_dir / "summary.json").read_text())["warmup_seconds"] is None
+
+
+def _never_called(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the warm-up ran")
+
+
 def test_a_failed_warm_up_is_a_warning_and_the_run_goes_on(
     image_tree: Path,
     run_dir: Path,
