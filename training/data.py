@@ -269,15 +269,25 @@ def decode_images(
     return torch.from_numpy(np.concatenate([images for images, _ in parts]))
 
 
+UNREADABLE_LISTED = 50  # unreadable files named in the log before the error, at most
+
+
 def _refuse_unreadable(failed: list[tuple[Path, str]]) -> None:
-    """UserError naming the first file that could not be decoded, and how many could not."""
+    """UserError naming the first file that could not be decoded, and how many could not; with
+    several, each is logged first, so that all can be fixed before the next try (the decoding
+    can take minutes)."""
     if not failed:
         return
     path, why = failed[0]
     if len(failed) == 1:
         raise UserError(f"cannot read image {path}: {why}; remove or replace it")
+    for other, reason in failed[:UNREADABLE_LISTED]:
+        log.warning("unreadable image %s: %s", other, reason)
+    if len(failed) > UNREADABLE_LISTED:
+        log.warning("... and %d more unreadable images", len(failed) - UNREADABLE_LISTED)
     raise UserError(
-        f"cannot read {len(failed)} images, the first {path}: {why}; remove or replace them"
+        f"cannot read {len(failed)} images (listed above), the first {path}: {why}; remove or "
+        "replace them"
     )
 
 

@@ -4,6 +4,7 @@ clear errors for bad data, and the batching/augmentation helpers."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 import pickle
@@ -344,7 +345,7 @@ def test_corrupt_image_names_the_file(tmp_path: Path, tree_factory: TreeFactory)
 
 
 def test_unreadable_images_stop_loading_with_the_first_name_and_how_many(
-    tmp_path: Path, tree_factory: TreeFactory
+    tmp_path: Path, tree_factory: TreeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A truncated JPEG, and text files named like images, in either split: counted over both
     splits, the first (in the order they are read: train before test) named, and what to do."""
@@ -362,21 +363,42 @@ def test_unreadable_images_stop_loading_with_the_first_name_and_how_many(
 
     (root / "train" / "red" / "notes.jpg").write_text("not an image\n")
     (root / "test" / "blue" / "notes.png").write_text("not an image either\n")
-    with pytest.raises(UserError) as info:
+    with pytest.raises(UserError) as info, caplog.at_level(logging.WARNING):
         _load(root, tmp_path)
     assert re.fullmatch(
-        f"cannot read 3 images, the first {re.escape(str(truncated))}: image file is truncated"
-        ".*; remove or replace them",
+        f"cannot read 3 images \\(listed above\\), the first {re.escape(str(truncated))}: image "
+        "file is truncated.*; remove or replace them",
         str(info.value),
     ), str(info.value)
+    # Every one is named before the error, so that all can be fixed before the next try.
+    listed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unreadable")]
+    assert [m.split(": ")[0] for m in listed] == [
+        f"unreadable image {truncated}",
+        f"unreadable image {root / 'train' / 'red' / 'notes.jpg'}",
+        f"unreadable image {root / 'test' / 'blue' / 'notes.png'}",
+    ]
 
     truncated.unlink()
     with pytest.raises(UserError) as info:
         _load(root, tmp_path)
     assert str(info.value) == (
-        f"cannot read 2 images, the first {root / 'train' / 'red' / 'notes.jpg'}: not an image "
-        "file Pillow can read; remove or replace them"
+        f"cannot read 2 images (listed above), the first {root / 'train' / 'red' / 'notes.jpg'}: "
+        "not an image file Pillow can read; remove or replace them"
     )
+
+
+def test_a_long_list_of_unreadable_images_is_cut_short_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(data_module, "UNREADABLE_LISTED", 2)
+    failed = [(Path(f"/data/train/x/{i}.jpg"), "broken") for i in range(5)]
+    with pytest.raises(UserError, match="cannot read 5 images"), caplog.at_level(logging.WARNING):
+        data_module._refuse_unreadable(failed)
+    assert [r.getMessage() for r in caplog.records] == [
+        "unreadable image /data/train/x/0.jpg: broken",
+        "unreadable image /data/train/x/1.jpg: broken",
+        "... and 3 more unreadable images",
+    ]
 
 
 def test_too_few_images_to_split(image_tree: Path, tmp_path: Path) -> None:
@@ -515,5 +537,7 @@ def test_large_folder_decodes_in_worker_processes(
     # Unreadable files in several chunks are counted together, the first named.
     first = root / "train" / "blue" / "000a.png"
     first.write_text("not an image")
-    with pytest.raises(UserError, match=f"cannot read 2 images, the first {first}: "):
+    with pytest.raises(
+        UserError, match=rf"cannot read 2 images \(listed above\), the first {first}: "
+    ):
         load_data(root, tmp_path / "unused", valid_size=0.1, split_seed=1)
