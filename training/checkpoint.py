@@ -127,22 +127,31 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[dict[str, Any], Path, Any] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self._closing = False
+        # Set by the thread itself as it ends. Not `Thread.join`/`is_alive`: on Python 3.11 a
+        # join interrupted by Ctrl-C or SIGTERM marks the thread as ended while it still runs
+        # (bpo-45274's fix), so the second `close` that `stopped` makes returned at once and
+        # the process exited in the middle of the final last.pt.
+        self._ended = threading.Event()
         self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            obj, path, ready = item
-            try:
-                if self._error is None:
-                    if ready is not None:
-                        ready.synchronize()  # the snapshot's device-to-host copies are done
-                    save_atomic(obj, path)
-            except BaseException as exc:  # surfaced in the training thread
-                self._error = exc
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
+        try:
+            while (item := self._queue.get()) is not None:
+                obj, path, ready = item
+                try:
+                    if self._error is None:
+                        if ready is not None:
+                            ready.synchronize()  # the snapshot's device-to-host copies are done
+                        save_atomic(obj, path)
+                except BaseException as exc:  # surfaced in the training thread
+                    self._error = exc
+                finally:
+                    self._queue.task_done()
+            self._queue.task_done()
+        finally:
+            self._ended.set()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -159,9 +168,12 @@ class CheckpointWriter:
         self._raise_pending()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Write everything queued, then end the thread. May be called again after a Ctrl-C
+        interrupted it: the second call waits for the writes the first one was waiting for."""
+        if not self._closing and not self._ended.is_set():
+            self._queue.put(None)  # a second None (put before an interruption) is harmless
+            self._closing = True
+        self._ended.wait()
         self._raise_pending()
 
 

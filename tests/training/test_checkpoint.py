@@ -6,6 +6,8 @@ import hashlib
 import os
 import resource
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -170,6 +172,39 @@ def test_writer_surfaces_a_write_error_from_submit_or_wait(
     writer.submit(_small(3), tmp_path / "c.pt")  # reported once; writing goes on
     writer.close()
     assert sorted(os.listdir(tmp_path)) == ["c.pt"]
+
+
+def test_a_close_interrupted_by_a_stop_is_finished_by_the_next_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or SIGTERM while the final last.pt (with the test result) is written interrupts
+    `close`; the trainer then closes again, deaf to further stops, so that the write reaches
+    the disk. On Python 3.11 the second close returned at once (an interrupted Thread.join
+    marks the still-running thread as ended): the process exited in the middle of the write,
+    and the run's final last.pt was lost."""
+    real_save = torch.save
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_save(obj: object, f: IO[bytes], *args: Any, **kwargs: Any) -> None:
+        writing.set()
+        release.wait(30)  # still writing when the stop comes
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", slow_save)
+    writer = CheckpointWriter()
+    try:
+        writer.submit(_small(1), tmp_path / "last.pt")
+        assert writing.wait(30)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            writer.close()
+        threading.Timer(0.3, release.set).start()
+        writer.close()
+        assert release.is_set()  # it waited for the write
+        _assert_same(torch.load(tmp_path / "last.pt", weights_only=True), _small(1))
+        assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+    finally:
+        release.set()
 
 
 # ---- loading and validating -------------------------------------------------------------------
