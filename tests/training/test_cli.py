@@ -156,6 +156,47 @@ def test_two_process_ddp_run(image_tree: Path, tmp_path: Path) -> None:
         path.unlink()
 
 
+# `python -c STOP_WHILE_TORCH_LOADS SIGNAL ARGS...` runs training.run with ARGS, sending itself
+# SIGNAL the moment `import torch` starts, as a Ctrl-C in the first seconds of a run would.
+STOP_WHILE_TORCH_LOADS = """
+import os, runpy, sys
+
+SIGNAL = int(sys.argv[1])
+
+class StopWhileTorchLoads:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), SIGNAL)
+        return None
+
+sys.meta_path.insert(0, StopWhileTorchLoads())
+sys.argv = ["training.run", *sys.argv[2:]]
+runpy.run_module("training.run", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_stop_while_pytorch_loads_ends_quietly(
+    sig: int, status: int, image_tree: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C in a run's first seconds, while PyTorch loads, was raised inside its import: a
+    traceback from deep inside torch or NumPy, or an abort from torch's C++ ('terminate called
+    after throwing an instance of pybind11::error_already_set'); SIGTERM killed the process
+    outright. Both now stop it as a stop anywhere else does, before anything is written."""
+    result = run_cli(
+        "-c", STOP_WHILE_TORCH_LOADS, int(sig), "--data-dir", image_tree,
+        "--device", "cpu", "--out-dir", tmp_path / "run",
+    )  # fmt: skip
+    assert result.returncode == status, result.stderr
+    assert result.stderr == "", result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("signals", "status"),
