@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import unicodedata
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -234,6 +235,15 @@ def _decode_chunk(paths: Sequence[Path], size: int) -> tuple[np.ndarray, list[tu
 DECODE_CHUNK = 1000  # images per task of the decoding pool
 
 
+def _leave_stops_to_the_parent() -> None:
+    """A decoding worker's first act. A terminal's Ctrl-C reaches every process of its group,
+    the workers too, and each printed a KeyboardInterrupt traceback (SIGTERM to the group: the
+    same, through the handler that training.run sets and fork copies). The parent stops them,
+    as it does when only it is signalled: the queued chunks are cancelled."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def decode_images(
     paths: Sequence[Path], size: int, while_decoding: Callable[[], None] | None = None
 ) -> torch.Tensor:
@@ -256,7 +266,9 @@ def decode_images(
     # fork: every worker starts at the first submit, before `while_decoding` may initialize
     # CUDA here, and they only run PIL and NumPy before exiting.
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_leave_stops_to_the_parent
+    ) as pool:
         results = pool.map(_decode_chunk, chunks, [size] * len(chunks))  # all submitted now
         try:
             if while_decoding is not None:

@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -513,6 +514,45 @@ def test_an_error_while_decoding_stops_the_workers_and_propagates(
     assert not multiprocessing.active_children()
     ran = len(list((tmp_path / "data" / "marks").iterdir()))
     assert 0 < ran < 1200  # the queued tasks were cancelled, not decoded before raising
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_sent_to_the_workers_too_is_one_stop_without_their_tracebacks(
+    sig: int,
+    tmp_path: Path,
+    tree_factory: TreeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A terminal's Ctrl-C (or a SIGTERM to the process group) reaches the decoding workers as
+    well as the training process: each worker printed a KeyboardInterrupt traceback beside the
+    run's own quiet stop."""
+    from training.run import _terminate  # what training.run handles SIGTERM with; fork copies it
+
+    root = tree_factory(tmp_path / "data", n_train=4, n_test=1, formats=(".png",))
+    paths, _, _ = list_image_folder(root / "train")
+    monkeypatch.setattr(data_module, "DECODE_CHUNK", 3)  # 12 images: 4 tasks for the pool
+    if data_module.available_cpus() == 1:
+        pytest.skip("one CPU: no decoding workers")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+
+    def stop_everyone() -> None:
+        # The tasks are done by now: the workers wait for the next one, where the signal hit
+        # them outside any task (in a task, the pool hands the exception back quietly).
+        time.sleep(0.5)
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, sig)  # type: ignore[arg-type]
+        time.sleep(0.3)  # they have had it
+        raise KeyboardInterrupt  # this process's share of it
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            decode_images(paths, 32, stop_everyone)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not multiprocessing.active_children()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
 @pytest.mark.slow
