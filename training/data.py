@@ -238,10 +238,12 @@ DECODE_CHUNK = 1000  # images per task of the decoding pool
 def _leave_stops_to_the_parent() -> None:
     """A decoding worker's first act. A terminal's Ctrl-C reaches every process of its group,
     the workers too, and each printed a KeyboardInterrupt traceback (SIGTERM to the group: the
-    same, through the handler that training.run sets and fork copies). The parent stops them,
-    as it does when only it is signalled: the queued chunks are cancelled."""
+    same, through the handler that training.run sets and fork copies). Ctrl-C is left to the
+    parent, which stops them as it does when only it is signalled: the queued chunks are
+    cancelled. SIGTERM gets its default action back, a silent exit, not ignored: a worker
+    orphaned by a killed parent (the OOM killer) must still yield to `kill`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def decode_images(

@@ -555,6 +555,28 @@ def test_a_stop_sent_to_the_workers_too_is_one_stop_without_their_tracebacks(
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
+def _worker_that_waits() -> None:
+    data_module._leave_stops_to_the_parent()
+    time.sleep(30)
+
+
+def test_a_decoding_worker_ignores_ctrl_c_but_still_yields_to_kill() -> None:
+    """An orphaned worker (its parent killed by the OOM killer) must not outlive a plain kill."""
+    worker = multiprocessing.get_context("fork").Process(target=_worker_that_waits)
+    worker.start()
+    try:
+        time.sleep(0.5)  # its initializer has run
+        os.kill(worker.pid, signal.SIGINT)  # type: ignore[arg-type]
+        worker.join(0.5)
+        assert worker.is_alive()
+        os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        worker.kill()
+        worker.join()
+
+
 @pytest.mark.slow
 def test_large_folder_decodes_in_worker_processes(
     tmp_path: Path, tree_factory: TreeFactory
