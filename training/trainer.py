@@ -513,12 +513,16 @@ def _train(
         ", CUDA graph" if graphs else "",
     )  # fmt: skip
 
+    final_queued = False  # the final last.pt (with the test result) is in the writer's hands
+
     def stopped(exc: BaseException) -> None:
         """On any exception: what is queued reaches the disk, and the user learns how to go on."""
         if writer is not None:
             with _deaf_to_stops():
                 writer.close()
-            if last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
+            if final_queued:  # a resume would only answer "already finished"
+                log.warning("stopped as the run ended; its files in %s are complete", out_dir)
+            elif last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
                 log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
 
     t_start = time.perf_counter()
@@ -605,7 +609,7 @@ def _train(
 
     def _finish() -> RunResult:
         """After the last epoch: the test set, the final checkpoints, the reports."""
-        nonlocal best_state
+        nonlocal best_state, final_queued
         # The notebook reports the final weights on the test set; we also test the best-validation ones.
         final_state = to_cpu(model.state_dict())  # blocking: the model changes below
         test = evaluate(model, transform, data.test, data.classes,
@@ -651,6 +655,7 @@ def _train(
         # last.pt with its test result goes last: until it is on disk, a resume runs the final
         # evaluation again and writes everything above anew.
         writer.submit(final_ckpt, last_path, final_ready)
+        final_queued = True
         writer.close()
         log.info(
             "wrote %s, %s, metrics.jsonl, summary.json, curves.png, confusion.png",

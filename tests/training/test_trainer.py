@@ -19,7 +19,13 @@ from PIL import Image
 
 import training.trainer as trainer_module
 from tests.helpers import folder_locked_by_another_process, make_image_tree, tiny_config
-from training.checkpoint import CheckpointError, build_model, load_checkpoint, save_atomic
+from training.checkpoint import (
+    CheckpointError,
+    CheckpointWriter,
+    build_model,
+    load_checkpoint,
+    save_atomic,
+)
 from training.data import load_data
 from training.engine import Precision, accuracy_report, predict
 from training.errors import UserError
@@ -322,6 +328,33 @@ def test_a_stop_during_the_final_evaluation_keeps_the_checkpoints_and_resumes(
     train(config, resume=run_dir / "last.pt")
     _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from_epoch"] == 2
+
+
+def test_a_stop_while_the_final_last_pt_is_written_says_the_run_is_complete(
+    uninterrupted: dict[str, Any],
+    image_tree: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C once the final last.pt is queued: it still reaches the disk, so the hint to
+    resume (which would only answer "already finished") gives way to saying it is complete."""
+
+    class StoppedOnce(CheckpointWriter):
+        closes = 0
+
+        def close(self) -> None:
+            StoppedOnce.closes += 1
+            if StoppedOnce.closes == 1:  # the first close is the run's own, after the final submit
+                raise KeyboardInterrupt
+            super().close()
+
+    monkeypatch.setattr(trainer_module, "CheckpointWriter", StoppedOnce)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(tiny_config("fast", image_tree, run_dir, warmup=FAST_WARMUP))
+    assert f"stopped as the run ended; its files in {run_dir} are complete" in caplog.text
+    assert "--resume" not in caplog.text
+    assert load_checkpoint(run_dir / "last.pt")["test"] == uninterrupted["test"]
 
 
 def test_a_run_with_a_relative_data_dir_resumes_from_any_folder(
