@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.train_speed import build_step
 from training.data import Split
 from training.engine import Precision, TrainStep
 from training.model import AlexNet, use_space_to_depth
-from training.preprocess import InputTransform
 
 
 def time_ms(fn: Callable[[], None], repeats: int = 20, warmup: int = 5) -> float:
@@ -203,31 +203,16 @@ def blocks(batch: int, channels_last: bool, dev: torch.device) -> None:
 
 
 def make_step(batch: int, channels_last: bool, graph: bool, dev: torch.device) -> TrainStep:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = AlexNet().to(dev, memory_format=fmt)
-    use_space_to_depth(model, True)
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=torch.tensor(0.01, device=dev) if graph else 0.01,
-        momentum=0.9,
-        weight_decay=5e-4,
-        fused=True,
-    )
+    """The step as recipe `seed` (batch 64) or `fast` (above: crop-flip) trains it."""
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, device=dev)
-    step = TrainStep(
-        model,
-        InputTransform().to(dev),
-        opt,
+    return build_step(
         Split(images, torch.randint(0, 10, (4096,), device=dev)),
-        local_batch_size=batch,
-        label_smoothing=0.1 if batch > 64 else 0.0,  # as the recipes: fast above 64, seed at 64
+        dev,
+        batch=batch,
         augment="crop-flip" if batch > 64 else "none",
-        crop_padding=4,
         precision=Precision(torch.bfloat16, channels_last),
+        graph=graph,
     )
-    if graph:
-        step.capture_graph(model)
-    return step
 
 
 def whole_step(batch: int, dev: torch.device) -> None:

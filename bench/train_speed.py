@@ -110,7 +110,7 @@ def bench_notebook(train: Split, device: torch.device, steps: int, warmup: int) 
     return Row("notebook: PIL per image, fp32, batch 64", 64, ms, len(loader))
 
 
-def bench_ours(
+def build_step(
     train: Split,
     device: torch.device,
     *,
@@ -118,11 +118,11 @@ def bench_ours(
     augment: str,
     precision: Precision,
     graph: bool,
-    space_to_depth: bool,
-    steps: int,
-    warmup: int,
-) -> Row:
-    torch.manual_seed(0)
+    space_to_depth: bool = True,
+) -> TrainStep:
+    """A fresh model's training step as the trainer builds it (label smoothing with the
+    augmentation, as recipe `fast`; none without, as `seed`), captured as a CUDA graph if asked;
+    shared with bench.profile_step."""
     model = AlexNet(AlexNetConfig()).to(
         device, memory_format=torch.channels_last if precision.channels_last else None
     )
@@ -147,6 +147,26 @@ def bench_ours(
     )
     if graph:
         step.capture_graph(model)
+    return step
+
+
+def bench_ours(
+    train: Split,
+    device: torch.device,
+    *,
+    batch: int,
+    augment: str,
+    precision: Precision,
+    graph: bool,
+    space_to_depth: bool,
+    steps: int,
+    warmup: int,
+) -> Row:
+    torch.manual_seed(0)
+    step = build_step(
+        train, device, batch=batch, augment=augment, precision=precision, graph=graph,
+        space_to_depth=space_to_depth,
+    )  # fmt: skip
     order = epoch_order(len(train), 0, 0, device)
     batches = batch_slices(order, batch)
     for i in range(warmup + steps):
