@@ -110,6 +110,24 @@ class AlexNet(nn.Module):
         return self.fc3(self.fc2(self.fc1(x)))
 
 
+class ConvBlock(nn.Sequential):
+    """Conv, BatchNorm, ReLU and an optional max-pool: the notebook's modules in its order (so
+    its state dicts load), run with the pool before the ReLU.
+
+    The two commute exactly: ReLU is monotone, so the max of ReLUs is the ReLU of the max, and
+    in the backward pass both orders send each window's gradient to the same element (or
+    nowhere when the window's maximum is <= 0). Pooling first runs the ReLU, forward and
+    backward, on a quarter of the values (55x55 -> 27x27 after conv1).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, norm, relu, *pool = self
+        x = norm(conv(x))
+        for p in pool:
+            x = p(x)
+        return relu(x)
+
+
 def _conv_block(
     c_in: int,
     c_out: int,
@@ -119,7 +137,7 @@ def _conv_block(
     padding: int,
     pool: bool = False,
     conv: type[nn.Conv2d] = nn.Conv2d,
-) -> nn.Sequential:
+) -> ConvBlock:
     layers: list[nn.Module] = [
         conv(c_in, c_out, kernel_size=kernel_size, stride=stride, padding=padding),
         nn.BatchNorm2d(c_out),
@@ -127,7 +145,7 @@ def _conv_block(
     ]
     if pool:
         layers.append(nn.MaxPool2d(3, stride=2))
-    return nn.Sequential(*layers)
+    return ConvBlock(*layers)
 
 
 def fits_input(size: int) -> bool:

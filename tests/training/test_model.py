@@ -121,3 +121,28 @@ def test_space_to_depth_leaves_the_network_and_its_weights_as_they_were() -> Non
     torch.testing.assert_close(folded, plain, rtol=1e-9, atol=1e-9)
     assert net.state_dict().keys() == before.keys()
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_before_the_relu_is_exactly_the_notebooks_order(dtype: torch.dtype) -> None:
+    """Blocks 1, 2 and 5 pool before their ReLU (a quarter of the ReLU work); outputs and every
+    gradient must be bit for bit those of the notebook's Conv-BN-ReLU-MaxPool order."""
+    torch.manual_seed(0)
+    block = AlexNet().layer2.to(dtype).train()
+    with torch.no_grad():  # BatchNorm's shift, down: many 3x3 windows are all negative
+        block[1].bias.fill_(-1.5)
+    x = torch.randn(2, 96, 27, 27).to(dtype)
+
+    def run(forward: object) -> tuple[torch.Tensor, ...]:
+        block.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        out = forward(inputs)  # type: ignore[operator]
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype)).sum().backward()
+        grads = [p.grad for p in block.parameters()]
+        return (out.detach(), inputs.grad, *grads)
+
+    ours = run(block)
+    notebooks = run(lambda t: torch.nn.Sequential.forward(block, t))
+    assert (ours[0] == 0).float().mean() > 0.3  # the ReLU did cut
+    for a, b in zip(ours, notebooks, strict=True):
+        assert torch.equal(a, b)
