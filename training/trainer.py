@@ -174,6 +174,16 @@ def _check_same_data(data: Data, ckpt: dict[str, Any], resume: Path | None) -> N
         )
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever `path` is rewritten: checkpoints are renamed into place, so a new
+    write is a new inode (and usually a new size and time). None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _new_run_folder(base: Path) -> Path:
     """`base`, or `base`-2, -3, ...: the first that this call creates. Runs started in the same
     second (a sweep launched in parallel) each get a folder; they used to share one, and all
@@ -253,7 +263,9 @@ def _train(
     held: ExitStack,
 ) -> RunResult:
     ckpt: dict[str, Any] | None = None
+    resumed_file = None
     if resume is not None:
+        resumed_file = _file_identity(resume)  # before reading it: see the lock below
         ckpt = load_checkpoint(resume)
         if "optimizer" not in ckpt:
             raise CheckpointError(
@@ -440,6 +452,14 @@ def _train(
         try:
             _check_writable(out_dir)  # now, not after the first epoch has trained
             held.enter_context(run_lock(out_dir))
+            if resume is not None and _file_identity(resume) != resumed_file:
+                # Another process resumed this run after we read last.pt and before we took
+                # the lock (our decoding outlasted its run): training on from what we read
+                # would overwrite its newer epochs.
+                raise UserError(
+                    f"{resume} was rewritten by another training process while this one "
+                    "started; run the same command again to continue from its new state"
+                )
         except UserError as exc:
             problem = str(exc)
     if dist_info.enabled:  # every rank stops on rank 0's verdict, not later on a vanished peer

@@ -471,6 +471,31 @@ def test_resume_removes_half_written_checkpoints_of_a_killed_process(
     assert (run_dir / ".notes.tmp").read_text() == "not ours"
 
 
+def test_a_resume_overtaken_while_decoding_is_refused(image_tree: Path, run_dir: Path) -> None:
+    """The folder's lock is taken after decoding: another resume of the same run may start,
+    train and finish in that time. Training on from the last.pt read before it would overwrite
+    its newer epochs, so the late one stops instead, and its rerun continues from them."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=2)
+    real_load_data = trainer_module.load_data
+    calls: list[int] = []
+
+    def overtaken(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # this run's decoding: the other resume runs, start to end
+            train(config, resume=run_dir / "last.pt")
+        return real_load_data(*args, **kwargs)
+
+    with (
+        patch.object(trainer_module, "load_data", side_effect=overtaken),
+        pytest.raises(UserError, match=r"last.pt was rewritten by another training process"),
+    ):
+        train(config, resume=run_dir / "last.pt")
+    finished = load_checkpoint(run_dir / "last.pt")
+    assert finished["epoch"] == 2 and finished["test"] is not None  # the other one's, intact
+    with pytest.raises(UserError, match=r"already finished all 2 epochs"):
+        train(config, resume=run_dir / "last.pt")
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run_dir: Path) -> None:
     """Two processes in one folder would overwrite each other's checkpoints in turn."""
     run_dir.mkdir(parents=True, exist_ok=True)
