@@ -211,6 +211,9 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
                 "or choose another --out-dir"
             )
         written = [n for n in RUN_FILES if (out_dir / n).exists()]
+        # A process killed mid-write leaves a hidden temp file (up to a checkpoint's size):
+        # named too, or removing the listed files would leave it behind unseen.
+        written += sorted(p.name for p in out_dir.glob(".*.pt.*.tmp"))
         if written:
             raise UserError(
                 f"{out_dir} already holds files of another run ({', '.join(written)}); "
@@ -544,6 +547,8 @@ def _train(
                 log.warning("stopped as the run ended; its files in %s are complete", out_dir)
             elif last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
                 log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
+            elif isinstance(exc, KeyboardInterrupt):
+                log.warning("stopped before the first epoch ended: nothing to resume")
 
     t_start = time.perf_counter()
     try:

@@ -404,6 +404,11 @@ def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_training(
     with pytest.raises(UserError, match=r"already holds files of another run \(best\.pt\)"):
         train(tiny_config("seed", image_tree, used))
     assert (used / "best.pt").read_bytes() == b"an earlier run's weights"
+    # What a process killed during its first checkpoint write leaves: named, hidden or not.
+    (used / "best.pt").unlink()
+    (used / ".last.pt.4242.tmp").write_bytes(b"half a checkpoint")
+    with pytest.raises(UserError, match=r"another run \(\.last\.pt\.4242\.tmp\); .* remove them"):
+        train(tiny_config("seed", image_tree, used))
 
 
 def test_best_pt_is_written_before_last_pt_and_the_final_last_pt_goes_last(
@@ -469,6 +474,17 @@ def test_resume_removes_half_written_checkpoints_of_a_killed_process(
     train(config, resume=run_dir / "last.pt")
     assert not any(path.exists() for path in stale)
     assert (run_dir / ".notes.tmp").read_text() == "not ours"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_there_is_nothing_to_resume(
+    image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config("seed", image_tree, run_dir, epochs=2)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1, step=1).hooks())
+    assert "stopped before the first epoch ended: nothing to resume" in caplog.text
+    assert "--resume" not in caplog.text
+    assert not (run_dir / "last.pt").exists()
 
 
 def test_a_resume_overtaken_while_decoding_is_refused(image_tree: Path, run_dir: Path) -> None:
