@@ -6,7 +6,8 @@ values, and no data set has to be decoded).
 For each batch size:
 1. each block of the network alone, forward + backward (CUDA events, median of repeats), in the
    training precision, NHWC and NCHW; layer1 as training runs it (space-to-depth) and plain;
-2. the whole step as training runs it (`TrainStep`), eager and as a CUDA graph;
+2. the whole step as training runs it (`TrainStep`), eager and as a CUDA graph, and that graph
+   again with each block's ReLU before its max-pool (the notebook's order) beside it;
 3. a kernel table of that CUDA-graph step (torch.profiler): each kernel's time per step, the
    kernels grouped by what they do, and the step's time against the sum of its kernels (the
    difference is the GPU waiting between kernels).
@@ -202,7 +203,9 @@ def blocks(batch: int, channels_last: bool, dev: torch.device) -> None:
         print(f"  {name:<40} {t:7.3f} ms", flush=True)
 
 
-def make_step(batch: int, channels_last: bool, graph: bool, dev: torch.device) -> TrainStep:
+def make_step(
+    batch: int, channels_last: bool, graph: bool, dev: torch.device, pool_first: bool = True
+) -> TrainStep:
     """The step as recipe `seed` (batch 64) or `fast` (above: crop-flip) trains it."""
     images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, device=dev)
     return build_step(
@@ -212,6 +215,7 @@ def make_step(batch: int, channels_last: bool, graph: bool, dev: torch.device) -
         augment="crop-flip" if batch > 64 else "none",
         precision=Precision(torch.bfloat16, channels_last),
         graph=graph,
+        pool_first=pool_first,
     )
 
 
@@ -224,6 +228,10 @@ def whole_step(batch: int, dev: torch.device) -> None:
             ms = time_ms(functools.partial(step, idx))
             print(f"  {'channels_last' if channels_last else 'NCHW':<14} "
                   f"{'CUDA graph' if graph else 'eager':<10} {ms:7.3f} ms", flush=True)  # fmt: skip
+    # Side by side: the same step in the notebook's block order (ReLU, then max-pool).
+    ms = time_ms(functools.partial(make_step(batch, True, True, dev, pool_first=False), idx))
+    print(f"  {'channels_last':<14} {'CUDA graph':<10} {ms:7.3f} ms  ReLU before max-pool "
+          "(the notebook's order)", flush=True)  # fmt: skip
 
 
 def kernels(batch: int, dev: torch.device, steps: int = 10) -> None:

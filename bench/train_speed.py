@@ -5,8 +5,9 @@
 Rows (all train AlexNet with SGD on real CIFAR-10 batches; time per optimizer step):
 - notebook: torchvision CIFAR-style dataset, PIL Resize(227) + ToTensor + Normalize per image,
   DataLoader(batch 64, SubsetRandomSampler, num_workers=0), fp32 - the notebook's own code path;
-- ours: data resident on the device as uint8; gather, augment, resize and normalize there,
-  bf16 autocast, channels_last; eager, and with the whole step captured as a CUDA graph.
+- ours: data resident on the device as uint8; gather, augment, resize and normalize there;
+  then, a row each, bf16 autocast and channels_last, the whole step captured as a CUDA graph,
+  conv1 in its space-to-depth form, max-pool before ReLU (the last row: as training runs).
 Prints a table with ms/step, steps/s, images/s, seconds per epoch and the speed-up over the
 notebook, and writes it as JSON with --json-out.
 """
@@ -29,7 +30,7 @@ from torchvision import transforms
 
 from training.data import Split, batch_slices, epoch_order, load_data
 from training.engine import Precision, TrainStep
-from training.model import AlexNet, AlexNetConfig, use_space_to_depth
+from training.model import AlexNet, AlexNetConfig, use_pool_first, use_space_to_depth
 from training.preprocess import CIFAR10_MEAN, CIFAR10_STD, InputTransform
 from training.runtime import resolve_device
 
@@ -87,6 +88,7 @@ def bench_notebook(train: Split, device: torch.device, steps: int, warmup: int) 
         sampler=SubsetRandomSampler(range(len(train))),
     )
     model = AlexNet(AlexNetConfig()).to(device)
+    use_pool_first(model, False)  # the notebook's Conv-BN-ReLU-MaxPool, as written
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, weight_decay=0.005, momentum=0.9)
 
@@ -119,6 +121,7 @@ def build_step(
     precision: Precision,
     graph: bool,
     space_to_depth: bool = True,
+    pool_first: bool = True,
 ) -> TrainStep:
     """A fresh model's training step as the trainer builds it (label smoothing with the
     augmentation, as recipe `fast`; none without, as `seed`), captured as a CUDA graph if asked;
@@ -127,6 +130,7 @@ def build_step(
         device, memory_format=torch.channels_last if precision.channels_last else None
     )
     use_space_to_depth(model, space_to_depth)
+    use_pool_first(model, pool_first)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=torch.tensor(0.005, device=device) if graph else 0.005,
@@ -159,13 +163,14 @@ def bench_ours(
     precision: Precision,
     graph: bool,
     space_to_depth: bool,
+    pool_first: bool,
     steps: int,
     warmup: int,
 ) -> Row:
     torch.manual_seed(0)
     step = build_step(
         train, device, batch=batch, augment=augment, precision=precision, graph=graph,
-        space_to_depth=space_to_depth,
+        space_to_depth=space_to_depth, pool_first=pool_first,
     )  # fmt: skip
     order = epoch_order(len(train), 0, 0, device)
     batches = batch_slices(order, batch)
@@ -184,6 +189,8 @@ def bench_ours(
         parts.append(augment)
     if space_to_depth:
         parts.append("conv1 space-to-depth")
+    if pool_first:
+        parts.append("pool before ReLU")
     parts.append("CUDA graph" if graph else "eager")
     return Row(", ".join(parts) + f", batch {batch}", batch, ms, len(train) // batch)
 
@@ -244,14 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     fast = Precision(torch.bfloat16 if cuda else None, channels_last=cuda)
     for batch in (int(b) for b in args.batches.split(",")):
         augment = "none" if batch == 64 else "crop-flip"  # 64: the seed recipe; larger: fast
-        variants = [(Precision(None, False), False, False)]
+        # Each row adds one change to the one before; the last is the step as training runs it.
+        variants = [(Precision(None, False), False, False, False)]
         if cuda:  # on a CPU the other rows would repeat this one
-            variants += [(fast, False, False), (fast, True, False), (fast, True, True)]
+            variants += [
+                (fast, False, False, False),
+                (fast, True, False, False),
+                (fast, True, True, False),
+                (fast, True, True, True),
+            ]
+        else:
+            variants += [(Precision(None, False), False, False, True)]
         if args.only_best:
             variants = variants[-1:]
-        for precision, graph, s2d in variants:
+        for precision, graph, s2d, pool_first in variants:
             row = bench_ours(gpu_train, device, batch=batch, augment=augment, precision=precision,
-                             graph=graph, space_to_depth=s2d, steps=args.steps, warmup=args.warmup)  # fmt: skip
+                             graph=graph, space_to_depth=s2d, pool_first=pool_first,
+                             steps=args.steps, warmup=args.warmup)  # fmt: skip
             print(f"{row.pipeline}: {row.ms_per_step:.2f} ms/step", file=sys.stderr)
             rows.append(row)
     text = table(rows, baseline, name)

@@ -117,15 +117,28 @@ class ConvBlock(nn.Sequential):
     The two commute exactly: ReLU is monotone, so the max of ReLUs is the ReLU of the max, and
     in the backward pass both orders send each window's gradient to the same element (or
     nowhere when the window's maximum is <= 0). Pooling first runs the ReLU, forward and
-    backward, on a quarter of the values (55x55 -> 27x27 after conv1).
+    backward, on a quarter of the values (55x55 -> 27x27 after conv1). `pool_first` off runs
+    the notebook's order (the benchmarks' baseline; see `use_pool_first`).
     """
 
+    pool_first: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pool_first:
+            return super().forward(x)
         conv, norm, relu, *pool = self
         x = norm(conv(x))
         for p in pool:
             x = p(x)
         return relu(x)
+
+
+def use_pool_first(model: nn.Module, enabled: bool) -> None:
+    """Run every ConvBlock in `model` with its max-pool before (or, as the notebook, after) its
+    ReLU: the same results either way."""
+    for module in model.modules():
+        if isinstance(module, ConvBlock):
+            module.pool_first = enabled
 
 
 def _conv_block(
