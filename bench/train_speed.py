@@ -122,6 +122,7 @@ def build_step(
     graph: bool,
     space_to_depth: bool = True,
     pool_first: bool = True,
+    early_sgd: bool = False,
 ) -> TrainStep:
     """A fresh model's training step as the trainer builds it (label smoothing with the
     augmentation, as recipe `fast`; none without, as `seed`), captured as a CUDA graph if asked;
@@ -148,6 +149,7 @@ def build_step(
         augment=augment,
         crop_padding=4,
         precision=precision,
+        early_sgd=model.head_parameters() if early_sgd else None,
     )
     if graph:
         step.capture_graph(model)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd
 
 from training.data import Split, crop_flip
 from training.model import use_space_to_depth
@@ -39,6 +40,73 @@ class Precision:
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
 
 
+class EarlySGD:
+    """The SGD update of some parameters (the fc head's: 94% of the weights), run the moment
+    their gradients are ready instead of after the whole backward pass; on CUDA on a side
+    stream, so that it overlaps the convolutions' backward.
+
+    At batch 64 the update is a large share of a step that the network's size does not shrink
+    with the batch: it reads and writes every weight, gradient and momentum (about 1.2 GB for
+    the 58 M parameters), bound by memory bandwidth, while the convolutions' backward is bound
+    by arithmetic. The arithmetic is SGD's own (`torch.optim.sgd.sgd`, with the optimizer's
+    group settings and momentum buffers), so the weights are the same, bit for bit. `step`
+    then updates the other parameters with the optimizer's step and joins the side stream.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        if not isinstance(optimizer, torch.optim.SGD) or len(optimizer.param_groups) != 1:
+            raise ValueError("EarlySGD takes an SGD optimizer with one parameter group")
+        group = optimizer.param_groups[0]
+        if group["maximize"] or group["dampening"]:
+            raise ValueError("EarlySGD implements SGD without maximize or dampening")
+        self.optimizer = optimizer
+        self.params = params
+        device = params[0].device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._handles = [p.register_post_accumulate_grad_hook(self._update) for p in params]
+
+    def _update(self, p: torch.Tensor) -> None:
+        group = self.optimizer.param_groups[0]
+        state = self.optimizer.state[p]
+        buffers = [state.get("momentum_buffer")]
+        grad = p.grad
+        assert grad is not None
+        if self.side is None:
+            context: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        else:
+            # The backward runs on the forward's stream; fork from it (the gradient is ready
+            # there) and rejoin it in `step`.
+            self.side.wait_stream(torch.cuda.current_stream(p.device))
+            context = torch.cuda.stream(self.side)
+        with context, torch.no_grad():
+            sgd(
+                [p], [grad], buffers,
+                weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                dampening=0.0, nesterov=group["nesterov"], maximize=False,
+                foreach=group["foreach"], fused=group["fused"],
+            )  # fmt: skip
+        if group["momentum"] != 0:
+            state["momentum_buffer"] = buffers[0]  # created by the first update
+
+    def step(self) -> None:
+        """The optimizer's step for every other parameter: these are hidden from it (their
+        gradients are kept, not freed, while a side stream may still read them)."""
+        grads = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for p, grad in zip(self.params, grads, strict=True):
+                p.grad = grad
+        if self.side is not None:
+            torch.cuda.current_stream(self.params[0].device).wait_stream(self.side)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 class TrainStep:
     """One optimizer step on the images whose indices are in `self.index`."""
 
@@ -54,7 +122,9 @@ class TrainStep:
         augment: str,
         crop_padding: int,
         precision: Precision,
+        early_sgd: list[torch.Tensor] | None = None,
     ) -> None:
+        """`early_sgd`: parameters to update as soon as their gradients are ready (EarlySGD)."""
         self.model = model
         self.transform = transform
         self.optimizer = optimizer
@@ -70,6 +140,7 @@ class TrainStep:
         self.correct = torch.zeros((), dtype=torch.long, device=self.device)
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.early = EarlySGD(optimizer, early_sgd) if early_sgd else None
 
     def _step(self) -> None:
         images = self.train.images[self.index]
@@ -86,7 +157,10 @@ class TrainStep:
             loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if self.early is not None:
+            self.early.step()
+        else:
+            self.optimizer.step()
         with torch.no_grad():
             self.loss_sum += loss.detach()
             self.correct += (logits.argmax(1) == labels).sum()

@@ -104,6 +104,11 @@ class AlexNet(nn.Module):
         self.fc2 = nn.Sequential(nn.Dropout(p), nn.Linear(4096, 4096), nn.ReLU())
         self.fc3 = nn.Linear(4096, self.config.num_classes)
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """fc1-fc3's weights and biases: 94% of the parameters, and the first gradients that a
+        backward pass produces."""
+        return [*self.fc1.parameters(), *self.fc2.parameters(), *self.fc3.parameters()]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer5(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
         x = torch.flatten(x, 1)

@@ -63,6 +63,10 @@ class TrainConfig:
         True, "CUDA: pay the one-time costs (kernel loading, cuDNN's autotuning) on a stand-in "
         "model while the images decode (off: in the first steps, on the training clock)",
     )  # fmt: skip
+    early_sgd: bool = option(
+        False, "update fc1-fc3 as soon as their gradients are ready, on a CUDA side stream that "
+        "overlaps the convolutions' backward (the same weights; one process only)",
+    )  # fmt: skip
     eval_batch_size: int = option(1000, "images per forward pass when evaluating")
     out_dir: Path | None = option(
         None, "where checkpoints and reports go (default: runs/<recipe>-<time>)"

@@ -46,7 +46,9 @@ from training.warmup import warm_up
 log = logging.getLogger(__name__)
 
 # Settings a resumed run may change: where things are, not what is computed.
-RESUME_OVERRIDABLE = {"device", "data_dir", "download_root", "eval_batch_size", "gpu_warmup"}
+RESUME_OVERRIDABLE = {
+    "device", "data_dir", "download_root", "eval_batch_size", "gpu_warmup", "early_sgd",
+}  # fmt: skip
 
 
 @dataclass
@@ -316,6 +318,9 @@ def _train(
         data_dir=cfg.data_dir.absolute() if cfg.data_dir is not None else None,
         download_root=cfg.download_root.absolute(),
     )
+    if cfg.early_sgd and dist_info.enabled:
+        # Its updates would start before DDP has averaged the gradients over the processes.
+        raise UserError("--early-sgd is for one process; drop it under torchrun")
     if cfg.batch_size % dist_info.world_size:
         raise UserError(
             f"--batch-size {cfg.batch_size} must split evenly over {dist_info.world_size} processes"
@@ -446,6 +451,7 @@ def _train(
         augment=cfg.augment,
         crop_padding=cfg.crop_padding,
         precision=precision,
+        early_sgd=model.head_parameters() if cfg.early_sgd else None,
     )
 
     out_dir = _choose_out_dir(cfg, resume, dist_info)
@@ -553,7 +559,17 @@ def _train(
     t_start = time.perf_counter()
     try:
         if graphs:
-            step.capture_graph(model)
+            try:
+                step.capture_graph(model)
+            except RuntimeError as exc:
+                if not cfg.early_sgd:
+                    raise
+                # Its side stream is the one part of a step that a GPU may refuse to capture.
+                raise UserError(
+                    f"--early-sgd could not be captured in a CUDA graph here "
+                    f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); drop "
+                    "--early-sgd, or keep it with --no-cuda-graphs"
+                ) from exc
             log.info(
                 "captured the training step as a CUDA graph (%.1fs)", time.perf_counter() - t_start
             )

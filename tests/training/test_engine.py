@@ -60,7 +60,7 @@ def _model() -> nn.Module:
     )  # fmt: skip
 
 
-def _step(model: nn.Module, lr: float | torch.Tensor) -> TrainStep:
+def _step(model: nn.Module, lr: float | torch.Tensor, early: bool = False) -> TrainStep:
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
     train = Split(images, torch.randint(0, 3, (16,), generator=generator))
@@ -71,6 +71,7 @@ def _step(model: nn.Module, lr: float | torch.Tensor) -> TrainStep:
     return TrainStep(
         model, transform, optimizer, train, local_batch_size=4, label_smoothing=0.1,
         augment="crop-flip", crop_padding=4, precision=FP32,
+        early_sgd=list(model[-1].parameters()) if early else None,
     )  # fmt: skip
 
 
@@ -127,3 +128,36 @@ def test_the_schedule_moves_the_learning_rate_tensor_in_place() -> None:
         assert group["lr"] is captured
         values.append(captured.item())
     assert values == sorted(values) and len(set(values)) == 4  # rising through the warm-up
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph"])
+def test_early_sgd_trains_exactly_as_the_optimizers_step(
+    graphs: bool, request: pytest.FixtureRequest
+) -> None:
+    """--early-sgd updates the head during the backward pass (with SGD's own arithmetic, its
+    weight decay, Nesterov momentum and the first step's new buffers): the same weights and
+    momentum, bit for bit, as the optimizer's step after it; through a captured graph too."""
+    if graphs:
+        request.getfixturevalue("cpu_graphs")
+    lr = torch.tensor(0.1) if graphs else 0.1
+    plain = _step(_model(), lr=lr)
+    early = _step(copy.deepcopy(plain.model), lr=lr, early=True)
+    seen: list[int] = []
+    for p in early.model[-1].parameters():  # the updates happen inside backward
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(p.ndim))
+    results = []
+    for step in (plain, early):
+        if graphs:
+            step.capture_graph(step.model)
+            step.graph.replay = step._step  # type: ignore[union-attr, method-assign]
+        torch.manual_seed(7)
+        for i in range(3):
+            step(torch.arange(4 * i, 4 * i + 4))
+        results.append(_state(step))
+    assert seen and all(p.grad is not None for p in early.model.parameters())
+    different = [k for k in results[0] if not torch.equal(results[0][k], results[1][k])]
+    assert not different, f"early SGD and the optimizer's step differ: {different}"
+    moved = [
+        k for k in results[0] if not torch.equal(results[0][k], _state(_step(_model(), lr))[k])
+    ]
+    assert "5.weight" in moved and "momentum.5" in moved  # the head did train

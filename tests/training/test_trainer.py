@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,32 @@ class Interrupt:
 
     def hooks(self) -> TrainHooks:
         return TrainHooks(on_step=self.on_step, on_epoch_end=self.on_epoch_end)
+
+
+def test_early_sgd_trains_the_same_run(
+    uninterrupted: dict[str, Any], image_tree: Path, run_dir: Path
+) -> None:
+    """--early-sgd changes when the head is updated, not what it becomes. Started with it and
+    resumed without it (a setting a resume may change), the run is the uninterrupted one."""
+    config = tiny_config("fast", image_tree, run_dir, warmup=FAST_WARMUP, early_sgd=True)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    assert load_checkpoint(run_dir / "last.pt")["config"]["early_sgd"] is True
+    train(replace(config, early_sgd=False), resume=run_dir / "last.pt", explicit={"early_sgd"})
+    _assert_same_run(_load_state(run_dir / "last.pt"), uninterrupted)
+
+
+def test_early_sgd_is_refused_under_torchrun(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its updates would start before DDP has averaged the gradients."""
+    monkeypatch.setattr(
+        trainer_module,
+        "init_distributed",
+        lambda device: (Distributed(rank=0, world_size=2), torch.device("cpu")),
+    )
+    with pytest.raises(UserError, match=r"^--early-sgd is for one process; drop it under torchrun"):
+        train(tiny_config("seed", image_tree, run_dir, epochs=1, early_sgd=True))
 
 
 def stopped_after_epoch_1(image_tree: Path, run_dir: Path, epochs: int) -> TrainConfig:
