@@ -63,7 +63,8 @@ class EarlySGD:
         self.params = params
         device = params[0].device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._handles = [p.register_post_accumulate_grad_hook(self._update) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._update)
 
     def _update(self, p: torch.Tensor) -> None:
         group = self.optimizer.param_groups[0]
@@ -101,10 +102,6 @@ class EarlySGD:
                 p.grad = grad
         if self.side is not None:
             torch.cuda.current_stream(self.params[0].device).wait_stream(self.side)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 class TrainStep:
