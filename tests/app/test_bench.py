@@ -12,7 +12,7 @@ import pytest
 
 from app.main import create_app
 from app.settings import Settings
-from bench import model_alone, request_path, serve_load
+from bench import block_order, model_alone, request_path, serve_load
 
 
 @pytest.mark.slow
@@ -148,3 +148,22 @@ def test_request_path_stops_on_an_answer_other_than_200() -> None:
     post = request_path.asgi_post(app, serve_load.multipart_body(b"not read"))
     with pytest.raises(RuntimeError, match="answered 401"):
         asyncio.run(post())
+
+
+@pytest.mark.slow
+def test_block_order_times_both_orders_and_finds_the_same_output(
+    artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--checkpoint", str(artifact), "--device", "cpu", "--precision", "fp32"]
+    assert block_order.main([*argv, "--batches", "1,3", "--rounds", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4  # header, rule, one row per batch size
+    for batch, row in zip((1, 3), rows[2:], strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(batch) and cells[-1] == "yes"
+        assert float(cells[1]) > 0 and float(cells[2]) > 0
+
+
+def test_block_order_with_a_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*missing does not exist"):
+        block_order.main(["--checkpoint", str(tmp_path / "missing"), "--device", "cpu"])
