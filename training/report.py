@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,24 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     )
 
 
+def display_width(text: str) -> int:
+    """Terminal columns: wide characters (Chinese, Japanese, Korean) take two, combining marks
+    none."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
 def per_class_lines(per_class: dict[str, float]) -> list[str]:
     """One '  <class>  <accuracy>%' line per class, for the command lines that print a report.
-    The names are padded to the longest (12 at least), so the percentages stay in one column
-    when class folders have long names."""
-    width = max([12, *map(len, per_class)])
-    return [f"  {name:<{width}} {acc:6.2f}%" for name, acc in per_class.items()]
+    The names are padded to the widest (12 columns at least), so the percentages stay in one
+    column when class folders have long names, or names in wide characters."""
+    width = max([12, *map(display_width, per_class)])
+    return [
+        f"  {name}{' ' * (width - display_width(name))} {acc:6.2f}%"
+        for name, acc in per_class.items()
+    ]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.report import plot_confusion
+from training.report import display_width, per_class_lines, plot_confusion
 
 
 def _ink_on_the_border(path: Path) -> bool:
@@ -69,3 +69,14 @@ def test_confusion_counts_are_legible(
         cell = image.to_rgba(confusion[i][j])
         ink = matplotlib.colors.to_rgba(text.get_color())
         assert abs(_luminance(cell) - _luminance(ink)) > 0.4, (i, j, confusion[i][j])
+
+
+def test_per_class_percentages_line_up_in_terminal_columns_for_wide_names() -> None:
+    """Class folders named in Chinese, Japanese or Korean take two terminal columns a
+    character; padding by characters pushed their percentages out of the column."""
+    per_class = {"猫": 50.0, "자동차": 100.0, "cafe\u0301": 7.5, "dog": 0.0, "飛行機と船と車": 12.5}
+    lines = per_class_lines(per_class)
+    assert [line[-7:] for line in lines] == [f"{acc:6.2f}%" for acc in per_class.values()]
+    # Every percentage starts in one column: after the widest name (7 wide characters).
+    assert {display_width(line[:-7]) for line in lines} == {2 + 14 + 1}, lines
+    assert display_width("自動車 car") == 10 and display_width("cafe\u0301") == 4
