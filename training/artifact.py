@@ -62,6 +62,9 @@ QUANTIZATION = "int8 weight-only, symmetric, per output channel (conv and linear
 # Ours to replace in an artifact folder (the -<sha> suffix is absent from older exports).
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{12})?\.safetensors")
 STAGING_PREFIX = ".export-"
+# What tempfile.mkdtemp(prefix=STAGING_PREFIX) names a staging folder: 8 characters of its
+# alphabet. Only these are swept as stale, not a user's own folder that shares the prefix.
+STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[a-z0-9_]{8}")
 
 
 def sha256_file(path: Path) -> str:
@@ -180,7 +183,8 @@ def staged_artifact(
             out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, early
             held.enter_context(folder_lock(out_dir, busy))
             for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
-                shutil.rmtree(stale, ignore_errors=True)
+                if STAGING_NAME.fullmatch(stale.name) and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
             # Inside --out: the same file system (a mount point or a symlinked folder too),
             # so every move below is a rename.
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))

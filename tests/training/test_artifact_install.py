@@ -110,7 +110,7 @@ def test_the_staging_folder_of_an_export_in_progress_is_not_removed(
     export holds the lock for is in use, and a second export must leave it alone."""
     out = tmp_path / "w"
     export_artifact(old, out)
-    live = out / f"{artifact_module.STAGING_PREFIX}live"
+    live = out / f"{artifact_module.STAGING_PREFIX}l1ve_0ne"  # as tempfile.mkdtemp names them
     live.mkdir()
     (live / "model-00001-of-00001.safetensors").write_bytes(b"being written")
     with folder_locked_by_another_process(out), pytest.raises(UserError, match="being written"):
@@ -118,6 +118,24 @@ def test_the_staging_folder_of_an_export_in_progress_is_not_removed(
     assert (live / "model-00001-of-00001.safetensors").read_bytes() == b"being written"
     export_artifact(old, out)  # once that export has ended (killed), its folder is stale
     assert not live.exists()
+
+
+def test_a_users_own_folder_named_like_staging_is_left_alone(old: dict, tmp_path: Path) -> None:
+    """Only the names tempfile gives staging folders are swept: a user's `.export-notes` in
+    --out (or a link named like staging, which rmtree would follow) survives every export."""
+    out = tmp_path / "w"
+    out.mkdir()
+    mine = out / f"{artifact_module.STAGING_PREFIX}notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (out / f"{artifact_module.STAGING_PREFIX}abcd1234").symlink_to(elsewhere)
+    export_artifact(old, out)
+    export_artifact(old, out)
+    assert (mine / "todo.txt").read_text() == "mine"
+    assert (elsewhere / "keep.txt").read_text() == "keep"
 
 
 def test_the_staging_folder_is_inside_out_even_through_a_symlink(old: dict, tmp_path: Path) -> None:
