@@ -45,10 +45,11 @@ class EarlySGD:
     their gradients are ready instead of after the whole backward pass; on CUDA on a side
     stream, so that it overlaps the convolutions' backward.
 
-    At batch 64 the update is a large share of a step that the network's size does not shrink
-    with the batch: it reads and writes every weight, gradient and momentum (about 1.2 GB for
-    the 58 M parameters), bound by memory bandwidth, while the convolutions' backward is bound
-    by arithmetic. The arithmetic is SGD's own (`torch.optim.sgd.sgd`, with the optimizer's
+    Why: at batch 64, 40% of a step does not shrink with the batch (README's pipeline table),
+    and the update is a known part of that: it reads and writes every weight, gradient and
+    momentum (about 1.2 GB for the 58 M parameters), bound by memory bandwidth, where the
+    convolutions' backward should be mostly arithmetic (bench.profile_step measures what the
+    overlap saves). The arithmetic is SGD's own (`torch.optim.sgd.sgd`, with the optimizer's
     group settings and momentum buffers), so the weights are the same, bit for bit. `step`
     then updates the other parameters with the optimizer's step and joins the side stream.
     """
