@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from app.predictor import Predictor, load_predictor
-from bench.model_alone import add_model_arguments
-from training.errors import UserError
+from app.predictor import Predictor
+from bench.model_alone import add_model_arguments, served_predictor
 from training.model import use_pool_first
 
 ORDERS = {"notebook order (ReLU, then max-pool)": False, "max-pool before ReLU (ours)": True}
@@ -60,13 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=20, help="timed batches per order")
     args = parser.parse_args(argv)
-    try:
-        predictor = load_predictor(args.checkpoint, args.device, args.precision)
-    except UserError as exc:  # a missing or foreign checkpoint, CUDA asked for and absent
-        raise SystemExit(f"error: {exc}") from None
     batches = [int(b) for b in args.batches.split(",")]
-    choose = args.precision == "auto" and predictor.device.type == "cpu"
-    predictor.warm_up(max(batches), choose_precision=choose)
+    predictor = served_predictor(args, batches)
     device = predictor.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name} ({torch.get_num_threads()} threads), {predictor.precision}, "

@@ -131,14 +131,22 @@ def measure(
         return resident.time(seconds)
 
 
-def _serve_timings(args: argparse.Namespace, batches: list[int]) -> None:
-    """The child of `Resident`: load, say what is served, then time on each line of input."""
+def served_predictor(args: argparse.Namespace, batches: list[int]) -> Predictor:
+    """The predictor of `add_model_arguments`' options, loaded and warmed up as the service
+    would (on a CPU with --precision auto, in the faster precision); a one-line exit if the
+    checkpoint or the device is wrong. Shared with bench.block_order."""
     try:
         predictor = load_predictor(args.checkpoint, args.device, args.precision)
     except UserError as exc:  # a missing or foreign checkpoint, CUDA asked for and absent
         raise SystemExit(f"error: {exc}") from None
     choose = args.precision == "auto" and predictor.device.type == "cpu"
     predictor.warm_up(max(batches), choose_precision=choose)
+    return predictor
+
+
+def _serve_timings(args: argparse.Namespace, batches: list[int]) -> None:
+    """The child of `Resident`: load, say what is served, then time on each line of input."""
+    predictor = served_predictor(args, batches)
     device = predictor.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     info = {"device": name, "threads": torch.get_num_threads(), "precision": predictor.precision}
