@@ -72,6 +72,12 @@ def to_cpu(obj: Any, non_blocking: bool = False) -> Any:
     return obj
 
 
+def half_written(folder: Path) -> list[Path]:
+    """The temp files `save_atomic` leaves in `folder` when its process is killed mid-write
+    (up to a checkpoint's size each), sorted."""
+    return sorted(folder.glob(".*.pt.*.tmp"))
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file beside `path`, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     CheckpointWriter,
+    half_written,
     library_versions,
     load_checkpoint,
     model_section,
@@ -215,7 +216,7 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
         written = [n for n in RUN_FILES if (out_dir / n).exists()]
         # A process killed mid-write leaves a hidden temp file (up to a checkpoint's size):
         # named too, or removing the listed files would leave it behind unseen.
-        written += sorted(p.name for p in out_dir.glob(".*.pt.*.tmp"))
+        written += [p.name for p in half_written(out_dir)]
         if written:
             raise UserError(
                 f"{out_dir} already holds files of another run ({', '.join(written)}); "
@@ -478,9 +479,9 @@ def _train(
     if problem is not None:
         raise UserError(problem)
     if dist_info.is_main:
-        # Half-written checkpoints of a killed process (save_atomic's temp files, up to the
-        # size of a checkpoint each): no other process writes here while we hold the lock.
-        for stale in out_dir.glob(".*.pt.*.tmp"):
+        # A killed process's half-written checkpoints: safe to remove, as no other process
+        # writes here while we hold the lock.
+        for stale in half_written(out_dir):
             stale.unlink(missing_ok=True)
         cfg = replace(cfg, out_dir=out_dir)
     metrics: list[dict[str, Any]] = list(ckpt["metrics"]) if ckpt else []
