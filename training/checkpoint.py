@@ -19,6 +19,7 @@ import queue
 import re
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,10 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# A queued write: the object, its path, a CUDA event to await first, what to do once written.
+_Job = tuple[dict[str, Any], Path, Any, Callable[[], None] | None]
+
+
 class CheckpointWriter:
     """Writes checkpoints on one background thread, in order, at most one waiting.
 
@@ -131,7 +136,7 @@ class CheckpointWriter:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[dict[str, Any], Path, Any] | None] = queue.Queue(maxsize=1)
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._closing = False
         # Set by the thread itself as it ends. Not `Thread.join`/`is_alive`: on Python 3.11 a
@@ -145,12 +150,14 @@ class CheckpointWriter:
     def _work(self) -> None:
         try:
             while (item := self._queue.get()) is not None:
-                obj, path, ready = item
+                obj, path, ready, then = item
                 try:
                     if self._error is None:
                         if ready is not None:
                             ready.synchronize()  # the snapshot's device-to-host copies are done
                         save_atomic(obj, path)
+                        if then is not None:
+                            then()
                 except BaseException as exc:  # surfaced in the training thread
                     self._error = exc
                 finally:
@@ -164,10 +171,17 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
 
-    def submit(self, obj: dict[str, Any], path: Path, ready: Any = None) -> None:
-        """Queue `obj` for writing to `path`; `ready` (a CUDA event) is awaited first."""
+    def submit(
+        self,
+        obj: dict[str, Any],
+        path: Path,
+        ready: Any = None,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue `obj` for writing to `path`; `ready` (a CUDA event) is awaited first, and
+        `then` runs on the writer's thread once `path` is in place (not if the write failed)."""
         self._raise_pending()
-        self._queue.put((obj, path, ready))
+        self._queue.put((obj, path, ready, then))
 
     def wait(self) -> None:
         self._queue.join()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -632,8 +633,14 @@ def _train(
                 # two writes never resumes with a record that best.pt does not hold yet.
                 if is_best:
                     writer.submit(checkpoint(epoch + 1, state, False, None), best_path, ready)
-                writer.submit(checkpoint(epoch + 1, state, True, None), last_path, ready)
-                report.write_metrics(out_dir / "metrics.jsonl", metrics)
+                # metrics.jsonl follows last.pt onto the disk, never ahead of it: a run stopped
+                # between the two shows no epoch that a resume would train again.
+                write_lines = partial(
+                    report.write_metrics, out_dir / "metrics.jsonl", list(metrics)
+                )
+                writer.submit(
+                    checkpoint(epoch + 1, state, True, None), last_path, ready, write_lines
+                )
                 log.info(report.epoch_line(m, cfg.epochs))
             else:
                 m["epoch_s"] = time.perf_counter() - t_epoch

@@ -151,6 +151,25 @@ def test_writer_surfaces_a_write_error_from_close(
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]
 
 
+def test_writer_runs_then_after_the_write_and_not_after_a_failed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`then` (the trainer's metrics.jsonl) follows its checkpoint onto the disk, never ahead."""
+    seen: list[tuple[str, bool]] = []
+
+    def then(name: str) -> Any:
+        return lambda: seen.append((name, (tmp_path / name).exists()))
+
+    writer = CheckpointWriter()
+    writer.submit(_small(1), tmp_path / "a.pt", None, then("a.pt"))
+    writer.wait()
+    monkeypatch.setattr(checkpoint_module.torch, "save", _crash_midway)
+    writer.submit(_small(2), tmp_path / "b.pt", None, then("b.pt"))
+    with pytest.raises(CheckpointError, match="No space left"):
+        writer.close()
+    assert seen == [("a.pt", True)]
+
+
 def test_writer_surfaces_a_write_error_from_submit_or_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -448,12 +448,12 @@ def test_best_pt_is_written_before_last_pt_and_the_final_last_pt_goes_last(
     order: list[tuple[str, int, bool]] = []
     submit = checkpoint.CheckpointWriter.submit
 
-    def recording(self: Any, obj: dict[str, Any], path: Path, ready: Any = None) -> None:
+    def recording(self: Any, obj: dict[str, Any], path: Path, *args: Any) -> None:
         order.append((path.name, obj["epoch"], obj["test"] is not None))
         assert path.name != "last.pt" or obj["best"]["epoch"] <= obj["epoch"]
         if path.name == "last.pt" and obj["test"] is not None:  # the reports are already written
             assert (run_dir / "summary.json").exists() and (run_dir / "curves.png").exists()
-        submit(self, obj, path, ready)
+        submit(self, obj, path, *args)
 
     monkeypatch.setattr(checkpoint.CheckpointWriter, "submit", recording)
     train(tiny_config("seed", image_tree, run_dir, epochs=2))
@@ -462,6 +462,29 @@ def test_best_pt_is_written_before_last_pt_and_the_final_last_pt_goes_last(
     for k, (name, epoch, _) in enumerate(order[:-2]):
         if name == "best.pt":  # every best.pt of an epoch comes just before that epoch's last.pt
             assert order[k + 1][:2] == ("last.pt", epoch)
+
+
+def test_metrics_jsonl_never_shows_an_epoch_that_last_pt_does_not_hold(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up as epoch 2's last.pt is written: the run stops, and metrics.jsonl
+    ends at epoch 1 with last.pt. It was written beside the background write, so it showed
+    epoch 2, which a resume trains again."""
+    from training import checkpoint
+
+    real_save = checkpoint.save_atomic
+
+    def disk_full_at_epoch_2(obj: dict[str, Any], path: Path) -> None:
+        if path.name == "last.pt" and obj["epoch"] == 2:
+            raise CheckpointError(f"cannot write {path}: No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", disk_full_at_epoch_2)
+    with pytest.raises(CheckpointError, match="No space left"):
+        train(tiny_config("seed", image_tree, run_dir, epochs=3))
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
 
 
 def test_resume_keeps_the_best_record_to_what_best_pt_holds(
