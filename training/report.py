@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,17 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
 
 
 def display_width(text: str) -> int:
-    """Terminal columns: wide characters (Chinese, Japanese, Korean) take two, combining marks
-    none."""
-    return sum(
-        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-        for c in text
-    )
+    """Terminal columns, by wcwidth: wide characters (Chinese, Japanese, Korean) take two;
+    combining marks, Thai vowel signs and decomposed Hangul's vowel and final jamo (names from
+    macOS folders are often decomposed) take none."""
+    # Imported here: the trainer imports this module, and training needs nothing beyond
+    # torch's stack (bench.gpu_session runs it on machines with only that installed).
+    import wcwidth
+
+    width = wcwidth.wcswidth(text)
+    if width >= 0:
+        return width
+    return sum(max(wcwidth.wcwidth(c), 0) for c in text)  # -1: control characters take none
 
 
 def per_class_lines(per_class: dict[str, float]) -> list[str]:

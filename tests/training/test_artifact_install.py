@@ -122,7 +122,9 @@ def test_the_staging_folder_of_an_export_in_progress_is_not_removed(
 
 def test_a_users_own_folder_named_like_staging_is_left_alone(old: dict, tmp_path: Path) -> None:
     """Only the names tempfile gives staging folders are swept: a user's `.export-notes` in
-    --out (or a link named like staging, which rmtree would follow) survives every export."""
+    --out survives every export, and so does what a link named like staging points to (the
+    sweep skips links; rmtree, which refuses them, would too, so this half guards against a
+    sweep that follows links rather than testing the skip)."""
     out = tmp_path / "w"
     out.mkdir()
     mine = out / f"{artifact_module.STAGING_PREFIX}notes"

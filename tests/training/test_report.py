@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import matplotlib.colors
@@ -80,3 +81,8 @@ def test_per_class_percentages_line_up_in_terminal_columns_for_wide_names() -> N
     # Every percentage starts in one column: after the widest name (7 wide characters).
     assert {display_width(line[:-7]) for line in lines} == {2 + 14 + 1}, lines
     assert display_width("自動車 car") == 10 and display_width("cafe\u0301") == 4
+    # Zero-width marks that are not "combining" to unicodedata: a Thai vowel sign, and the
+    # vowel and final jamo of Hangul in decomposed form (as macOS stores folder names).
+    assert display_width("หมี") == 2
+    assert display_width(unicodedata.normalize("NFD", "자동차")) == 6 == display_width("자동차")
+    assert display_width("cat\tdog") == 6  # a control character takes no column of its own
