@@ -64,8 +64,9 @@ class EarlySGD:
         self.params = params
         device = params[0].device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._update)
+        # Kept to remove: left on the parameters, every later backward (a user's own loop on
+        # the trained model, a second TrainStep) would update them as a side effect.
+        self.hooks = [p.register_post_accumulate_grad_hook(self._update) for p in params]
 
     def _update(self, p: torch.Tensor) -> None:
         group = self.optimizer.param_groups[0]
@@ -103,6 +104,12 @@ class EarlySGD:
                 p.grad = grad
         if self.side is not None:
             torch.cuda.current_stream(self.params[0].device).wait_stream(self.side)
+
+    def remove(self) -> None:
+        """Stop updating during backward passes (the parameters keep their values)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
 
 class TrainStep:
@@ -210,6 +217,11 @@ class TrainStep:
                     buffer.copy_(before)
         self.graph = graph
         self.reset_stats()
+
+    def close(self) -> None:
+        """Detach from the model (EarlySGD's hooks), which then trains only through others."""
+        if self.early is not None:
+            self.early.remove()
 
     def reset_stats(self) -> None:
         self.loss_sum.zero_()

@@ -455,6 +455,7 @@ def _train(
         precision=precision,
         early_sgd=model.head_parameters() if cfg.early_sgd else None,
     )
+    held.callback(step.close)  # however the run ends, the model keeps no training hooks
 
     out_dir = _choose_out_dir(cfg, resume, dist_info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"

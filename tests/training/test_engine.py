@@ -161,3 +161,15 @@ def test_early_sgd_trains_exactly_as_the_optimizers_step(
         k for k in results[0] if not torch.equal(results[0][k], _state(_step(_model(), lr))[k])
     ]
     assert "5.weight" in moved and "momentum.5" in moved  # the head did train
+
+
+def test_a_closed_early_sgd_step_leaves_the_model_to_other_training() -> None:
+    """Its hooks go with `close` (the trainer closes its step however a run ends): a later
+    backward on the model, e.g. a user's own fine-tuning loop, updates nothing by itself."""
+    step = _step(_model(), lr=0.1, early=True)
+    step(torch.arange(4))
+    step.close()
+    head = {k: v.clone() for k, v in step.model[-1].state_dict().items()}
+    step.model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(v, step.model[-1].state_dict()[k]) for k, v in head.items())
+    assert step.model[-1].weight.grad is not None  # the backward did reach the head
