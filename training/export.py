@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from training.artifact import (
     INDEX_NAME,
     MAX_SHARD_BYTES,
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_drop is not None and not args.max_drop >= 0:  # NaN would refuse nothing
             raise UserError(f"--max-drop must be 0 or more points, not {args.max_drop}")
+        # First, like every other command: a missing GPU was found only after the shards
+        # were written (with test data), or not at all (without).
+        device = resolve_device(args.device)
         ckpt, checksum = load_checkpoint_and_digest(args.checkpoint)
         full = checkpoint_for_inference(ckpt, checksum, args.checkpoint)  # what it would serve
         test = None
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             test = (split, classes)
         # Checked before it replaces --out: a rejected export leaves the served model as it was.
         with staged_artifact(ckpt, args.out) as staged:
-            _check(staged, full, args, test)
+            _check(staged, full, args, test, device)
         print(f"installed in {args.out}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -80,6 +85,7 @@ def _check(
     full: InferenceModel,
     args: argparse.Namespace,
     test: tuple[Split, list[str]] | None,
+    device: torch.device,
 ) -> None:
     """Size limits, that the artifact loads as the app will load it, and, with test data, the
     accuracy drop against the checkpoint (recorded in the staged model.json); UserError when
@@ -99,7 +105,6 @@ def _check(
             print("note: --max-drop needs test data (--data-dir or --download-root); the "
                   "artifact's accuracy was not measured", file=sys.stderr)  # fmt: skip
         return
-    device = resolve_device(args.device)
     split, classes = test
     full_report, full_pred = evaluate_model(full, split, classes, device=device)
     quant_report, quant_pred = evaluate_model(quantized, split, classes, device=device)

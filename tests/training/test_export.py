@@ -179,6 +179,24 @@ def test_export_refuses_test_data_of_other_classes_before_writing_anything(
     assert not out.exists()
 
 
+def test_export_refuses_a_missing_gpu_before_writing_anything(
+    ckpt: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--device cuda where there is none: one line, as the other commands say it, and no
+    folder. Without test data the flag was ignored; with it, 58 MB of shards were written
+    first."""
+    from training import export
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    last = tmp_path / "last.pt"
+    save_atomic(ckpt, last)
+    out = tmp_path / "w"
+    assert export.main([str(last), "--out", str(out), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0] and "use cpu or auto" in err[0]
+    assert not out.exists()
+
+
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     result = run_cli("-m", "training.export", tmp_path / "nope.pt", "--out", tmp_path / "w")
     assert_one_line_error(result, "does not exist")
