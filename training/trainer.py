@@ -490,6 +490,10 @@ def _train(
     best: dict[str, Any] = dict(ckpt["best"]) if ckpt else {"epoch": 0, "val_acc": -1.0}
     start_epoch = int(ckpt["epoch"]) if ckpt else 0
     elapsed_before = metrics[-1]["elapsed_s"] if metrics else 0.0
+    if ckpt and dist_info.is_main:
+        # The file may be an epoch behind last.pt (a kill between the two writes); a resume of
+        # a run whose epochs are all done writes it nowhere else.
+        report.write_metrics(out_dir / "metrics.jsonl", metrics)
     data_info = {
         "source": data.source,
         "train": len(data.train),

@@ -487,6 +487,20 @@ def test_metrics_jsonl_never_shows_an_epoch_that_last_pt_does_not_hold(
     assert [json.loads(line)["epoch"] for line in lines] == [1]
 
 
+def test_a_resume_brings_metrics_jsonl_up_to_last_pt(image_tree: Path, run_dir: Path) -> None:
+    """A run killed between its final epoch's last.pt and metrics.jsonl (which follows it):
+    the resume only tests and reports, and it left the file without that epoch."""
+    config = tiny_config("seed", image_tree, run_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=2).hooks())
+    metrics_file = run_dir / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines()
+    assert len(lines) == 2 and load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+    metrics_file.write_text(lines[0] + "\n")  # where a SIGKILL between the writes leaves it
+    train(config, resume=run_dir / "last.pt")
+    assert [json.loads(line)["epoch"] for line in metrics_file.read_text().splitlines()] == [1, 2]
+
+
 def test_resume_keeps_the_best_record_to_what_best_pt_holds(
     image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
