@@ -12,49 +12,105 @@ In order of importance, skipping optional steps once --budget-s is spent:
 5. each of --seed-variants (other `seed` flag sets, e.g. other --seed values: how far the
    notebook's final-epoch accuracy swings);
 6. bench.train_speed: the notebook's pipeline against ours (table);
-OUT/results.tgz (rewritten after every step): logs, summaries, metrics and figures of every run
-(the exported run's curves.png and confusion.png among them, so OUT stays within the device
-tool's 8 returned files).
-Each step is a subprocess; a failed step is logged and the rest still runs.
+OUT/results.tgz (replaced whole after every step, and on SIGTERM): logs, summaries, metrics and
+figures of every run (the exported run's curves.png and confusion.png among them, so OUT stays
+within the device tool's 8 returned files), and logs/session.txt: what the session decided
+(steps skipped for the budget, timed out, the summary), with the seconds since its start.
+Each step is a subprocess; a failed step is logged and the rest still runs. A step still running
+at --deadline-s (default: the budget plus 60 s, inside the device tool's 600 s) is killed with
+its workers, so a hang in code never run on a GPU before costs only the steps after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 FAST_SECONDS, FAST_ACC = 30.0, 87.5
 
 
+T0 = time.perf_counter()
+SESSION_LOG: list[Path] = []  # logs/session.txt, once the work folder exists
+DEADLINE = [float("inf")]  # seconds since T0 at which a running step is killed
+CURRENT: list[subprocess.Popen] = []  # the step running now, for the SIGTERM handler
+
+
+def say(message: str) -> None:
+    """A decision of the session: on stdout, and in logs/session.txt with its time."""
+    print(message, flush=True)
+    if SESSION_LOG:
+        with open(SESSION_LOG[0], "a") as f:
+            for line in message.strip("\n").splitlines():
+                f.write(f"[{time.perf_counter() - T0:6.1f} s] {line}\n")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """The step and its workers (training decodes in worker processes): its session's group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run one step, its output to stdout and `log`; killed at the session's deadline."""
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         try:
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)  # fmt: skip
         except OSError as exc:  # a missing tool must not stop the session
             f.write(f"# cannot start: {exc}\n")
             print(f"# cannot start: {exc}", flush=True)
             return 127, 0.0
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
-        code = proc.wait()
+        CURRENT[:] = [proc]
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                f.write(line)
+                f.flush()  # a step killed at the deadline keeps its log up to there
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=max(1.0, DEADLINE[0] - (time.perf_counter() - T0)))
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            code = proc.returncode
+            say(f"# timed out: {shlex.join(cmd[:6])} ... killed at the deadline")
+        reader.join(timeout=5)
+        CURRENT.clear()
         wall = time.perf_counter() - start
         f.write(f"# exit {code}, wall {wall:.1f} s\n")
     print(f"# exit {code}, wall {wall:.1f} s", flush=True)
     return code, wall
+
+
+def pack_atomic(out: Path, logs: Path, work: Path) -> None:
+    """OUT/results.tgz, replaced whole: a kill while it is written leaves the previous one."""
+    tmp = out / ".results.tgz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+        for run_dir in sorted((work / "runs").glob("*")):
+            for name in ("summary.json", "metrics.jsonl", "curves.png", "confusion.png"):
+                if (run_dir / name).exists():
+                    tar.add(run_dir / name, arcname=f"runs/{run_dir.name}/{name}")
+    os.replace(tmp, out / "results.tgz")
 
 
 EXTRA: list[str] = []  # --device and --smoke flags, appended to every training command
@@ -83,13 +139,33 @@ def run_metrics(work: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def _glued(argv: list[str]) -> list[str]:
+    """`--variants "--no-gpu-warmup"` as `--variants=--no-gpu-warmup`: argparse takes a value
+    that starts with '-' and has no space for an option, and refused the command."""
+    out: list[str] = []
+    k = 0
+    while k < len(argv):
+        if argv[k] in ("--variants", "--seed-variants", "--smoke") and k + 1 < len(argv):
+            out.append(f"{argv[k]}={argv[k + 1]}")
+            k += 2
+        else:
+            out.append(argv[k])
+            k += 1
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tarball", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/alexnet-gpu"))
+    # A new folder by default: on a machine kept warm between calls, a fixed one held the
+    # last call's runs, and every run of the same name was refused.
+    parser.add_argument("--work", type=Path, default=None, help="default: a new temp folder")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--budget-s", type=float, default=240, help="skip optional steps past this")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="kill a step still running this long after the start (default: "
+                        "--budget-s + 60)")  # fmt: skip
     parser.add_argument("--device", default="cuda", help="cpu, with --smoke, to try this script")
     parser.add_argument("--smoke", default="", help="extra training flags for a quick CPU try")
     parser.add_argument(
@@ -102,31 +178,39 @@ def main() -> int:
         help="more `seed` runs after the profile, while the budget lasts: flag sets separated "
         "by ';', e.g. '--seed 1; --seed 2'",
     )  # fmt: skip
-    args = parser.parse_args()
-    work, out = args.work, args.out
+    args = parser.parse_args(_glued(sys.argv[1:]))
+    work = args.work or Path(tempfile.mkdtemp(prefix="alexnet-gpu-"))
+    out = args.out
+    DEADLINE[0] = args.deadline_s if args.deadline_s is not None else args.budget_s + 60
     EXTRA.extend(["--device", args.device, *shlex.split(args.smoke)])
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    SESSION_LOG[:] = [logs / "session.txt"]
+    t0 = T0
+
+    def pack() -> None:  # after every step, so a timeout still returns what was measured
+        pack_atomic(out, logs, work)
+
+    def on_sigterm(signum: int, frame: object) -> None:  # the device tool's own time limit
+        for proc in CURRENT:
+            _kill(proc)
+        say("# SIGTERM: stopped; results.tgz holds everything up to here")
+        pack()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    say(f"work folder {work}; budget {args.budget_s:.0f} s, deadline {DEADLINE[0]:.0f} s")
     with tarfile.open(args.tarball) as tar:
         tar.extractall(work, filter="data")
     data = work / "cifar10"
-    print(f"unpacked in {time.perf_counter() - t0:.1f} s", flush=True)
+    say(f"unpacked in {time.perf_counter() - t0:.1f} s")
     run(
         ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
         logs / "device.txt",
     )
     run([sys.executable, "-c", "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"],
         logs / "versions.txt")  # fmt: skip
-
-    def pack() -> None:  # after every step, so a timeout still returns what was measured
-        with tarfile.open(out / "results.tgz", "w:gz") as tar:
-            tar.add(logs, arcname="logs")
-            for run_dir in sorted((work / "runs").glob("*")):
-                for name in ("summary.json", "metrics.jsonl", "curves.png", "confusion.png"):
-                    if (run_dir / name).exists():
-                        tar.add(run_dir / name, arcname=f"runs/{run_dir.name}/{name}")
 
     def time_left() -> float:
         return args.budget_s - (time.perf_counter() - t0)
@@ -135,6 +219,9 @@ def main() -> int:
     fast = train("fast", ["--recipe", "fast"], data, work, logs)
     if fast is None:
         fast = train("fast-eager", ["--recipe", "fast", "--no-cuda-graphs"], data, work, logs)
+        if fast is not None:  # the graphs failed here: every later run would fail the same way
+            EXTRA.append("--no-cuda-graphs")
+            say("# fast failed and fast-eager trained: every later run gets --no-cuda-graphs")
     summaries += [fast] if fast else []
     pack()
 
@@ -142,7 +229,7 @@ def main() -> int:
         """More runs of `recipe`, one per ';'-separated flag set, while `room` s are left."""
         for k, variant in enumerate(v for v in flag_sets.split(";") if v.strip()):
             if time_left() < room:
-                print(f"# budget spent: skipping {recipe} variant {variant!r}", flush=True)
+                say(f"# budget spent: skipping {recipe} variant {variant!r}")
                 continue
             extra = train(
                 f"{recipe}-v{k + 1}", ["--recipe", recipe, *shlex.split(variant)], data, work, logs
@@ -164,12 +251,12 @@ def main() -> int:
         and s["test"]["accuracy"] >= FAST_ACC
     ]  # fmt: skip
     if not met:
-        print("# no fast run met its target: weights/ stays as shipped", flush=True)
+        say("# no fast run met its target: weights/ stays as shipped")
     elif time_left() > 25:
         # Among the runs that met the target, chosen on validation accuracy: the test set
         # only reports, it does not rank.
         chosen = max(met, key=lambda s: run_metrics(work, s["name"])[-1]["val_acc"])
-        print(f"== exporting {chosen['name']}", flush=True)
+        say(f"== exporting {chosen['name']}")
         (logs / "chosen.txt").write_text(chosen["name"] + "\n")
         ckpt = work / "runs" / chosen["name"] / "last.pt"
         run([sys.executable, "-m", "training.export", str(ckpt), "--out", str(out / "weights"),
@@ -188,13 +275,17 @@ def main() -> int:
              "--batches", "64,256", "--json-out", str(logs / "train_speed.json")], logs / "train_speed.txt")  # fmt: skip
         pack()
 
-    print("\n== summary")
+    lines = ["", "== summary"]
     for s in summaries:
-        print(f"{s['name']:<12} test {s['test']['accuracy']:.2f}%  best-val-weights test "
-              f"{s['best']['test']['accuracy']:.2f}%  train {s['train_seconds']:.1f} s  "
-              f"process {s['process_wall_s']:.1f} s  load {s.get('load_seconds') or 0:.1f} s "
-              f"(warm-up {s.get('warmup_seconds') or 0:.1f} s of it)  ({s['command']})")  # fmt: skip
-    print(f"total {time.perf_counter() - t0:.0f} s")
+        lines.append(
+            f"{s['name']:<12} test {s['test']['accuracy']:.2f}%  best-val-weights test "
+            f"{s['best']['test']['accuracy']:.2f}%  train {s['train_seconds']:.1f} s  "
+            f"process {s['process_wall_s']:.1f} s  load {s.get('load_seconds') or 0:.1f} s "
+            f"(warm-up {s.get('warmup_seconds') or 0:.1f} s of it)  ({s['command']})"
+        )
+    lines.append(f"total {time.perf_counter() - t0:.0f} s")
+    say("\n".join(lines))
+    pack()
     return 0
 
 
