@@ -11,6 +11,7 @@ Two stages, split where the batch forms:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,7 +84,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image -> upright 8-bit RGB: EXIF orientation, first frame, alpha, 16-bit, CMYK."""
     if getattr(image, "is_animated", False):  # n_frames would walk every frame of a GIF
         image.seek(0)  # animated GIF/WebP/PNG: the first frame
-    image = ImageOps.exif_transpose(image) or image
+    # EXIF that Pillow cannot parse (SyntaxError for a bad PNG eXIf chunk, struct.error, ...)
+    # says nothing usable about the orientation; the pixels decode fine, and are kept as stored.
+    with contextlib.suppress(Exception):
+        image = ImageOps.exif_transpose(image) or image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit (or float) grayscale: PIL's convert("L") would clip at 255, so scale instead.
         array = np.asarray(image, dtype=np.float32)

@@ -96,6 +96,14 @@ def test_exif_orientation_is_applied() -> None:
     assert out[2, -12:].float().mean() > 200 and out[0, -12:].float().mean() < 60  # bottom: blue
 
 
+def test_an_image_with_exif_that_cannot_be_parsed_decodes_as_stored() -> None:
+    """A PNG whose eXIf chunk is garbage opens and loads in Pillow, but reading its orientation
+    raised SyntaxError: the upload was refused as undecodable (and the training loader named
+    the file unreadable)."""
+    data = images.encode(solid((255, 0, 0)), "PNG", exif=b"garbage!!")
+    assert decode(data)[0].float().mean() > 200
+
+
 def test_a_long_animation_is_not_walked_frame_by_frame(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the first frame is used: counting frames (n_frames) would decode every one of
     them, seconds for a GIF of many thousand small frames."""
