@@ -13,6 +13,8 @@ from typing import Any
 
 from training.errors import UserError
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
+
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
@@ -93,8 +95,9 @@ class TrainConfig:
             problems.append("--epochs must be at least 1")
         if self.batch_size < 1:
             problems.append("--batch-size must be at least 1")
-        if not self.lr > 0 or not math.isfinite(self.lr):  # also refuses nan
-            problems.append("--lr must be a positive number")
+        # Also refuses nan; and what float32, the optimizer's arithmetic, cannot hold.
+        if not 0 < self.lr <= FLOAT32_MAX:
+            problems.append("--lr must be a positive number (float32: at most 3.4e38)")
         if not 0 <= self.momentum < 1:
             problems.append("--momentum must be in [0, 1)")
         if self.nesterov and self.momentum == 0:

@@ -204,25 +204,31 @@ def _new_run_folder(base: Path) -> Path:
     raise UserError(f"{base}-2 ... -999 all exist; choose an --out-dir")
 
 
+def _refuse_a_used_out_dir(out_dir: Path) -> None:
+    """UserError if a new run's --out-dir holds another run's files. Checked before the data
+    is decoded (minutes for a large set) and again after, when the folder is taken."""
+    if (out_dir / "last.pt").exists():
+        raise UserError(
+            f"{out_dir} already holds a run; continue it with --resume {out_dir / 'last.pt'} "
+            "or choose another --out-dir"
+        )
+    written = [n for n in RUN_FILES if (out_dir / n).exists()]
+    # A process killed mid-write leaves a hidden temp file (up to a checkpoint's size):
+    # named too, or removing the listed files would leave it behind unseen.
+    written += [p.name for p in half_written(out_dir)]
+    if written:
+        raise UserError(
+            f"{out_dir} already holds files of another run ({', '.join(written)}); "
+            "choose another --out-dir or remove them"
+        )
+
+
 def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distributed) -> Path:
     if resume is not None:
         out_dir = resume.parent
     elif cfg.out_dir is not None:
         out_dir = cfg.out_dir
-        if (out_dir / "last.pt").exists():
-            raise UserError(
-                f"{out_dir} already holds a run; continue it with --resume {out_dir / 'last.pt'} "
-                "or choose another --out-dir"
-            )
-        written = [n for n in RUN_FILES if (out_dir / n).exists()]
-        # A process killed mid-write leaves a hidden temp file (up to a checkpoint's size):
-        # named too, or removing the listed files would leave it behind unseen.
-        written += [p.name for p in half_written(out_dir)]
-        if written:
-            raise UserError(
-                f"{out_dir} already holds files of another run ({', '.join(written)}); "
-                "choose another --out-dir or remove them"
-            )
+        _refuse_a_used_out_dir(out_dir)
     else:
         out_dir = Path("runs") / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
         if dist_info.is_main:  # the other ranks take rank 0's folder, below
@@ -284,13 +290,17 @@ def _train(
             )
         cfg = _resume_config(ckpt, cfg, explicit).validate()
         saved_data = cfg.data_dir
-        if (
-            "data_dir" not in explicit and saved_data is not None
-            and not saved_data.is_absolute() and not saved_data.is_dir()
-        ):  # fmt: skip
+        if "data_dir" not in explicit and saved_data is not None and not saved_data.is_dir():
+            if not saved_data.is_absolute():
+                raise UserError(
+                    f"the run's --data-dir {saved_data} was relative to the folder it started "
+                    f"in and is not in {Path.cwd()}; resume from there, or pass --data-dir DIR"
+                )
+            # The user passed no --data-dir: "--data-dir ... is not a directory" left them to
+            # guess that the flag may be given again on a resume.
             raise UserError(
-                f"the run's --data-dir {saved_data} was relative to the folder it started in "
-                f"and is not in {Path.cwd()}; resume from there, or pass --data-dir DIR"
+                f"the run's data folder {saved_data} (recorded in {resume.name}) is gone; "
+                "resume with --data-dir DIR, where that data is now"
             )
         if ckpt["epoch"] >= cfg.epochs and ckpt.get("test") is not None:
             raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")
@@ -336,6 +346,14 @@ def _train(
     out = cfg.out_dir if resume is None else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out-dir {out} is a file; choose a folder")
+    if out is not None and out.is_symlink() and not out.exists():
+        raise UserError(
+            f"--out-dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+            "create that folder or choose another --out-dir"
+        )
+    if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
+        _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
+        _check_writable(out)  # a read-only disk, a parent that is a file
     busy = resume.parent if resume is not None else cfg.out_dir
     if busy is not None and busy.is_dir() and not dist_info.enabled:
         # A folder in use is refused before the data is decoded (minutes for a large set);

@@ -51,6 +51,7 @@ def test_validation_lists_every_problem() -> None:
     ("overrides", "message"),
     [
         ({"lr": float("nan")}, "--lr must be a positive number"),
+        ({"lr": 1e39}, "--lr must be a positive number"),  # SGD: "cannot be converted ..."
         ({"momentum": -1.0}, "--momentum must be in [0, 1)"),
         ({"nesterov": True, "momentum": 0.0}, "--nesterov needs a --momentum above 0"),
         ({"weight_decay": -1.0}, "--weight-decay must be in [0, 1)"),

@@ -604,6 +604,52 @@ def test_an_out_dir_that_is_a_file_is_refused_before_decoding(
     assert out.read_text() == "not a folder"
 
 
+def test_an_out_dir_that_cannot_be_used_is_refused_before_decoding(
+    image_tree: Path, tmp_path: Path
+) -> None:
+    """Another run's files, a dangling symlink, a parent that is a file: each refused before
+    the data is decoded (minutes for a large set); they were found only after it."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "last.pt").write_bytes(b"another run")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone", target_is_directory=True)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [
+        (used, r"already holds a run; continue it with --resume"),
+        (other, r"already holds files of another run \(summary\.json\)"),
+        (dangling, r"is a symbolic link to .*gone, which does not exist; create that folder"),
+        (a_file / "sub", r"cannot write to .*sub: Not a directory; choose another --out-dir"),
+    ]
+    for out, message in cases:
+        with (
+            patch.object(trainer_module, "load_data", side_effect=AssertionError("decoded")),
+            pytest.raises(UserError, match=message),
+        ):
+            train(tiny_config("seed", image_tree, out, epochs=1))
+    assert (used / "last.pt").read_bytes() == b"another run" and not (tmp_path / "gone").exists()
+
+
+def test_a_resume_whose_data_folder_moved_says_to_pass_data_dir(
+    tree_factory: Any, run_dir: Path, tmp_path: Path
+) -> None:
+    """It said '--data-dir ... is not a directory', a flag the user had not passed."""
+    data = tree_factory(tmp_path / "data" / "cifar10")
+    config = stopped_after_epoch_1(data, run_dir, epochs=2)
+    moved = tmp_path / "moved-data"
+    data.rename(moved)
+    with pytest.raises(UserError, match=r"data folder .* is gone; resume with --data-dir DIR"):
+        train(config, resume=run_dir / "last.pt")
+    result = train(
+        replace(config, data_dir=moved), resume=run_dir / "last.pt", explicit={"data_dir"}
+    )
+    assert load_checkpoint(result.last)["epoch"] == 2
+
+
 def test_runs_started_in_the_same_second_get_a_folder_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
