@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from training.cli_args import path_arg
 from training.data import class_difference, list_image_folder, resolve_image_root
 from training.errors import UserError, check_output_file
 from training.report import per_class_lines
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "2 when the command could not run (bad arguments, no server)",
         parents=[common],
     )
-    p_predict.add_argument("images", nargs="+", type=Path)
+    p_predict.add_argument("images", nargs="+", type=path_arg)
     p_predict.add_argument("--top-k", type=_top_k, default=5, help="classes per image, 1..10")
     p_eval = sub.add_parser(
         "evaluate",
@@ -304,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         "(counted as wrong), 2 when the command could not run (bad arguments, no server)",
         parents=[common],
     )
-    p_eval.add_argument("--data-dir", type=Path, required=True, help="DIR/test/<class>/<image>")
+    p_eval.add_argument("--data-dir", type=path_arg, required=True, help="DIR/test/<class>/<image>")
     p_eval.add_argument("--concurrency", type=int, default=16, help="requests at a time (>= 1)")
-    p_eval.add_argument("--compare", type=Path, help="offline predictions JSON (training.evaluate)")
-    p_eval.add_argument("--json-out", type=Path, help="write the full report here")
+    p_eval.add_argument(
+        "--compare", type=path_arg, help="offline predictions JSON (training.evaluate)"
+    )
+    p_eval.add_argument("--json-out", type=path_arg, help="write the full report here")
     args = parser.parse_args(argv)
     if not args.url.startswith(("http://", "https://")):  # else: "cannot reach ... is it running?"
         print(f"error: --url {args.url} must start with http:// or https://", file=sys.stderr)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from training.artifact import InferenceModel, load_for_inference
+from training.cli_args import path_arg
 from training.data import Split, class_difference, load_test_split
 from training.engine import INFERENCE_PRECISIONS, accuracy_report, predict, prepare_for_inference
 from training.errors import UserError, check_output_file
@@ -66,20 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m training.evaluate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "model", type=Path, help="a last.pt/best.pt checkpoint or an exported folder"
+        "model", type=path_arg, help="a last.pt/best.pt checkpoint or an exported folder"
     )
     parser.add_argument(
         "--data-dir",
-        type=Path,
+        type=path_arg,
         help="image-folder tree with test/<class>/* (else: CIFAR-10 download)",
     )
-    parser.add_argument("--download-root", type=Path, default=Path("data"),
+    parser.add_argument("--download-root", type=path_arg, default=Path("data"),
                         help="where the CIFAR-10 download is (default: data)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
                         help="fp32 (default) or bf16 weights, as the app serves them")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=500, help="default: 500")
-    parser.add_argument("--predictions-out", type=Path, help="write {image name: class id} as JSON")
+    parser.add_argument(
+        "--predictions-out", type=path_arg, help="write {image name: class id} as JSON"
+    )
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

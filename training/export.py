@@ -26,6 +26,7 @@ from training.artifact import (
     staged_artifact,
 )
 from training.checkpoint import load_checkpoint_and_digest
+from training.cli_args import path_arg
 from training.data import Split, load_test_split
 from training.errors import UserError
 from training.evaluate import check_classes, evaluate_model
@@ -40,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.export", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("checkpoint", type=Path, help="a last.pt or best.pt from training.run")
+    parser.add_argument("checkpoint", type=path_arg, help="a last.pt or best.pt from training.run")
     # Required: a default of weights/ replaced the shipped model whenever --out was forgotten.
-    parser.add_argument("--out", type=Path, required=True,
+    parser.add_argument("--out", type=path_arg, required=True,
                         help="artifact folder, e.g. weights/ (the served model is replaced)")  # fmt: skip
-    parser.add_argument("--data-dir", type=Path, help="measure test accuracy on DIR/test/<class>/*")
-    parser.add_argument("--download-root", type=Path, default=None,
+    parser.add_argument(
+        "--data-dir", type=path_arg, help="measure test accuracy on DIR/test/<class>/*"
+    )
+    parser.add_argument("--download-root", type=path_arg, default=None,
                         help="measure test accuracy on the CIFAR-10 download in this folder")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--max-drop", type=float, default=None,

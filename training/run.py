@@ -16,8 +16,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
-from pathlib import Path
 
+from training.cli_args import path_arg
 from training.errors import UserError
 from training.recipes import RECIPES, TrainConfig, make_config
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", choices=sorted(RECIPES), default=None, help="named recipe (default: seed)"
     )
     parser.add_argument(
-        "--resume", type=Path, default=None, help="continue the run whose last.pt this is"
+        "--resume", type=path_arg, default=None, help="continue the run whose last.pt this is"
     )
     for f in fields(TrainConfig):
         if f.name == "recipe":
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.type in ("float",):
             kwargs["type"] = float
         elif "Path" in str(f.type):
-            kwargs["type"] = Path
+            kwargs["type"] = path_arg
         parser.add_argument(flag, **kwargs)
     return parser
 

@@ -33,6 +33,33 @@ def test_help_documents_the_main_flags() -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("training.run", ["--out-dir", ""]),
+        ("training.run", ["--resume", " "]),
+        ("training.export", ["last.pt", "--out", ""]),
+        ("training.evaluate", ["weights", "--data-dir", ""]),
+        ("app.client", ["evaluate", "--data-dir", ""]),
+    ],
+)
+def test_an_empty_path_is_refused_before_anything_runs(
+    module: str,
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--out "$OUT"` with OUT unset is Path("."): an export installed its shards into the
+    current folder, a run wrote its 700 MB of checkpoints there."""
+    import importlib
+
+    monkeypatch.chdir(ROOT)  # were it accepted, this is where it would write
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(argv)
+    assert stop.value.code == 2
+    assert "an empty path (an unset variable?)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     result = run_cli(
