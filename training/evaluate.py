@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.predictions_out is not None:
             # Checked now: the evaluation may take minutes, and its report must not be lost.
             check_output_file("--predictions-out", args.predictions_out)
+        device = resolve_device(args.device)  # first: a missing GPU, before minutes of decoding
         loaded = load_for_inference(args.model)
         split, classes, names = load_test_split(args.data_dir, args.download_root)
-        device = resolve_device(args.device)
         report, predictions = evaluate_model(
             loaded,
             split,

@@ -577,7 +577,11 @@ def _train(
             if final_queued:  # a resume would only answer "already finished"
                 log.warning("stopped as the run ended; its files in %s are complete", out_dir)
             elif last_path.exists() and not isinstance(exc, Diverged):  # it would diverge again
-                log.warning("stopped; continue with: python -m training.run --resume %s", last_path)
+                # Absolute: the command works from any folder (runs/... was relative to this one).
+                log.warning(
+                    "stopped; continue with: python -m training.run --resume %s",
+                    last_path.absolute(),
+                )
             elif isinstance(exc, KeyboardInterrupt):
                 log.warning("stopped before the first epoch ended: nothing to resume")
 

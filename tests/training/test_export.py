@@ -197,6 +197,20 @@ def test_export_refuses_a_missing_gpu_before_writing_anything(
     assert not out.exists()
 
 
+def test_evaluate_refuses_a_missing_gpu_before_decoding(
+    ckpt: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import evaluate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(evaluate, "load_test_split", lambda *a: pytest.fail("decoded the data"))
+    last = tmp_path / "last.pt"
+    save_atomic(ckpt, last)
+    assert evaluate.main([str(last), "--data-dir", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
+
+
 def test_export_of_a_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
     result = run_cli("-m", "training.export", tmp_path / "nope.pt", "--out", tmp_path / "w")
     assert_one_line_error(result, "does not exist")

@@ -400,6 +400,20 @@ def test_a_run_with_a_relative_data_dir_resumes_from_any_folder(
     assert load_checkpoint(result.last)["epoch"] == 2 and result.test["accuracy"] >= 0
 
 
+def test_the_resume_hint_of_a_run_in_a_relative_folder_is_absolute(
+    image_tree: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The default folder is runs/<recipe>-<time>, relative: the hint worked only from here."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("seed", image_tree, Path("runs/relative"), epochs=2)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    assert f"--resume {tmp_path / 'runs' / 'relative' / 'last.pt'}" in caplog.text
+
+
 def test_resume_without_the_runs_best_pt_stops_before_training(
     image_tree: Path, run_dir: Path
 ) -> None:
