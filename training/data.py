@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +182,7 @@ def list_image_folder(
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(found):
-        files = sorted(
-            p for p in (root / name).iterdir()
-            if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
-        )  # fmt: skip
+        files = sorted(_images_below(root / name, extensions))
         if not files:
             raise UserError(
                 f"{root / name} holds no images (files PIL can open: .png, .jpg, .webp, ...)"
@@ -192,6 +190,19 @@ def list_image_folder(
         paths += files
         labels += [label] * len(files)
     return paths, labels, found
+
+
+def _images_below(folder: Path, extensions: set[str]) -> Iterator[Path]:
+    """The image files in `folder` and its subfolders, as torchvision's ImageFolder takes them
+    (images in subfolders were left out without a word, and a class whose images were all in
+    subfolders "held no images"). Hidden files and folders (.DS_Store, macOS's ._ files) are
+    skipped; symlinked folders are not followed, so a link to a parent cannot loop."""
+    for parent, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(parent, name)
+            if not name.startswith(".") and path.suffix.lower() in extensions and path.is_file():
+                yield path
 
 
 def class_difference(a: list[str], a_name: str, b: list[str], b_name: str) -> str:

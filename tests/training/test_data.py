@@ -147,6 +147,30 @@ def test_image_folder_tree_in_mixed_formats(tmp_path: Path) -> None:
     assert not (tmp_path / "unused").exists()  # no download attempted
 
 
+def test_images_in_subfolders_of_a_class_are_its_images(tmp_path: Path) -> None:
+    """As torchvision's ImageFolder takes them: they were left out without a word, and a class
+    whose images were all in subfolders was refused as holding no images. Hidden folders stay
+    out, and a symlink to a folder above is not followed (it would loop)."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        write_image(root / split / "red" / "a.png", class_image(CHANNEL["red"], rng))
+        write_image(root / split / "red" / "phone" / "b.png", class_image(CHANNEL["red"], rng))
+        write_image(
+            root / split / "blue" / "2024" / "06" / "c.png", class_image(CHANNEL["blue"], rng)
+        )
+    write_image(root / "train" / "red" / ".thumbnails" / "t.png", class_image(1, rng))
+    (root / "train" / "red" / "loop").symlink_to(root / "train", target_is_directory=True)
+    paths, labels, classes = list_image_folder(root / "train")
+    assert classes == ["blue", "red"]
+    assert [p.relative_to(root / "train").as_posix() for p in paths] == [
+        "blue/2024/06/c.png", "red/a.png", "red/phone/b.png"
+    ]  # fmt: skip
+    assert labels == [0, 1, 1]
+    full, test, _ = load_image_folder(root)
+    assert len(full.images) == len(test.images) == 3
+
+
 def test_nested_single_top_folder_is_found(image_tree: Path, tmp_path: Path) -> None:
     outer = image_tree.parent  # holds only cifar10/train, cifar10/test
     data = load_data(outer, tmp_path, valid_size=0.25, split_seed=1)
