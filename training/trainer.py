@@ -159,6 +159,25 @@ def _check_writable(out_dir: Path) -> None:
         ) from None
 
 
+def _check_creatable(out_dir: Path) -> None:
+    """`_check_writable`'s verdict before the data is decoded, without creating the folder: a
+    run that then fails to load its data leaves no empty run folder behind."""
+    if out_dir.is_dir():
+        _check_writable(out_dir)  # a probe file, removed again
+        return
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        problem = "Read-only file system" if read_only else "Permission denied"
+    else:
+        return
+    raise UserError(f"cannot write to {out_dir}: {problem}; choose another --out-dir")
+
+
 def _check_same_data(data: Data, ckpt: dict[str, Any], resume: Path | None) -> None:
     """UserError unless `data` has the classes and training-image count the run started with.
     Only the classes that differ are named: both lists in full hid the one that mattered."""
@@ -353,7 +372,7 @@ def _train(
         )
     if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
         _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
-        _check_writable(out)  # a read-only disk, a parent that is a file
+        _check_creatable(out)  # a read-only disk, a parent that is a file
     busy = resume.parent if resume is not None else cfg.out_dir
     if busy is not None and busy.is_dir() and not dist_info.enabled:
         # A folder in use is refused before the data is decoded (minutes for a large set);

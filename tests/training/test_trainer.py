@@ -648,6 +648,24 @@ def test_an_out_dir_that_cannot_be_used_is_refused_before_decoding(
     assert (used / "last.pt").read_bytes() == b"another run" and not (tmp_path / "gone").exists()
 
 
+def test_a_read_only_out_dir_is_refused_before_decoding_and_not_created(
+    image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root every folder is writable to os.access, but not on a read-only file system."""
+    import types
+
+    flags = types.SimpleNamespace(f_flag=os.ST_RDONLY)
+    monkeypatch.setattr(trainer_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(trainer_module.os, "statvfs", lambda path: flags)
+    out = tmp_path / "mnt" / "run"
+    with (
+        patch.object(trainer_module, "load_data", side_effect=AssertionError("decoded")),
+        pytest.raises(UserError, match=r"cannot write to .*run: Read-only file system; choose"),
+    ):
+        train(tiny_config("seed", image_tree, out, epochs=1))
+    assert not (tmp_path / "mnt").exists()
+
+
 def test_a_resume_whose_data_folder_moved_says_to_pass_data_dir(
     tree_factory: Any, run_dir: Path, tmp_path: Path
 ) -> None:
