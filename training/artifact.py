@@ -40,7 +40,7 @@ from training.checkpoint import (
     preprocessing_of,
     state_dict_of,
 )
-from training.errors import UserError
+from training.errors import UserError, refuse_a_dangling_link
 from training.metadata import (
     MetadataError,
     accuracy_report,
@@ -173,11 +173,7 @@ def staged_artifact(
         f"{out_dir} is being written by another export or a training run; wait for it to end "
         "or choose another --out"
     )
-    if out_dir.is_symlink() and not out_dir.exists():
-        raise UserError(
-            f"{out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; "
-            "create that folder or choose another --out"
-        )
+    refuse_a_dangling_link("--out", out_dir)
     with ExitStack() as held:
         with _writing_to(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, early

@@ -18,3 +18,13 @@ def check_output_file(flag: str, path: Path) -> None:
         raise UserError(
             f"{flag} {path} cannot be written (no permission, or a read-only file system)"
         )
+
+
+def refuse_a_dangling_link(flag: str, folder: Path) -> None:
+    """An output folder that is a symbolic link to nothing: named with its missing target
+    (creating it said only "File exists")."""
+    if folder.is_symlink() and not folder.exists():
+        raise UserError(
+            f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist; "
+            f"create that folder or choose another {flag}"
+        )

@@ -37,7 +37,7 @@ from training.checkpoint import (
 )
 from training.data import Data, batch_slices, class_difference, epoch_order, load_data
 from training.engine import Precision, TrainStep, evaluate
-from training.errors import UserError
+from training.errors import UserError, refuse_a_dangling_link
 from training.model import AlexNet, AlexNetConfig, use_space_to_depth
 from training.preprocess import InputTransform, Preprocessing
 from training.recipes import TrainConfig
@@ -365,11 +365,8 @@ def _train(
     out = cfg.out_dir if resume is None else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out-dir {out} is a file; choose a folder")
-    if out is not None and out.is_symlink() and not out.exists():
-        raise UserError(
-            f"--out-dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
-            "create that folder or choose another --out-dir"
-        )
+    if out is not None:
+        refuse_a_dangling_link("--out-dir", out)
     if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
         _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
         _check_creatable(out)  # a read-only disk, a parent that is a file
