@@ -56,19 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(exc).removeprefix("error parsing CLI: ")
         print(f"error: {detail}; see python -m app --help", file=sys.stderr)
         return 2
-    from app.main import configure_logging, create_app  # deferred: --help answers fast
-
-    configure_logging(settings.log_level)
-    for line in unknown_variables(os.environ):
-        log.warning(line)
-    from app.predictor import load_predictor
-
-    # Load before listening: a missing, corrupt or incompatible checkpoint is a one-line error.
     try:
+        from app.main import configure_logging, create_app  # deferred: --help answers fast
+
+        configure_logging(settings.log_level)
+        for line in unknown_variables(os.environ):
+            log.warning(line)
+        from app.predictor import load_predictor
+
+        # Load before listening: a missing, corrupt or incompatible checkpoint is a one-line
+        # error.
         predictor = load_predictor(settings.checkpoint, settings.device, settings.precision)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while it loads and warms up (later, uvicorn handles it)
+        return 130
     workers.exit_cleanly_after_drain()
     common = {
         "host": settings.host,

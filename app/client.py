@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 
 from training.cli_args import path_arg
-from training.data import class_difference, list_image_folder, resolve_image_root
 from training.errors import UserError, check_output_file
+from training.folders import class_difference, list_image_folder, resolve_image_root
 from training.report import per_class_lines
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"error: cannot reach {args.url} ({exc}); is the server running?", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: asyncio has cancelled the requests; no traceback
+        return 130
     print(
         f"{report['images']} images over HTTP: {report['accuracy']:.2f}% top-1, "
         f"{report['errors']} errors, {report['requests_per_s']:.1f} requests/s "

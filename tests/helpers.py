@@ -26,6 +26,28 @@ FORMATS = (".png", ".jpg", ".bmp", ".webp")
 
 TreeFactory = Callable[..., Path]
 
+# `python -c STOP_WHEN_IMPORTED SIGNAL NAME MODULE ARGS...` runs `python -m MODULE ARGS...` and
+# sends itself SIGNAL the moment `import NAME` starts: a Ctrl-C (or SIGTERM) at that moment of
+# a command's start, e.g. while PyTorch loads. Ctrl-C is made to raise KeyboardInterrupt first,
+# as at a terminal: a test run started in the background (`pytest &`) inherits it ignored.
+STOP_WHEN_IMPORTED = """
+import os, runpy, signal, sys
+
+SIGNAL, NAME, MODULE = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+class StopWhenImported:
+    def find_spec(self, name, path=None, target=None):
+        if name == NAME:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), SIGNAL)
+        return None
+
+sys.meta_path.insert(0, StopWhenImported())
+sys.argv = [MODULE, *sys.argv[4:]]
+runpy.run_module(MODULE, run_name="__main__", alter_sys=True)
+"""
+
 
 def class_image(
     channel: int, rng: np.random.Generator, size: tuple[int, int] = (32, 32)

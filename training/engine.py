@@ -9,15 +9,22 @@ a single GPU the whole step is captured once as a CUDA graph and replayed: one l
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
 from training.data import Split, crop_flip
+from training.errors import UserError
+from training.folders import class_difference
 from training.model import use_space_to_depth
 from training.preprocess import InputTransform
+
+if TYPE_CHECKING:  # artifact needs nothing from here; only the type is named
+    from training.artifact import InferenceModel
 
 
 @dataclass(frozen=True)
@@ -306,3 +313,34 @@ def prepare_for_inference(model: nn.Module, device: torch.device, precision: str
     model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
     use_space_to_depth(model, device.type == "cuda")
     return Precision(amp_dtype=None, channels_last=True, weights_dtype=dtype)
+
+
+def check_classes(data_classes: list[str], model_classes: list[str]) -> None:
+    """UserError unless the data's classes are the model's, in the same order."""
+    if data_classes != model_classes:
+        raise UserError(
+            "the data's classes are not the model's: "
+            + class_difference(data_classes, "the data", model_classes, "the model")
+        )
+
+
+def evaluate_model(
+    loaded: InferenceModel,
+    split: Split,
+    classes: list[str],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 500,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Accuracy report and per-image predictions of `loaded` on `split` (moved to `device`)."""
+    check_classes(classes, loaded.classes)
+    prec = prepare_for_inference(loaded.model, device, precision)
+    transform = InputTransform(loaded.preprocessing).to(device)
+    images = split.images.to(device)
+    start = time.perf_counter()
+    predictions = predict(loaded.model, transform, images, batch_size=batch_size, precision=prec)
+    seconds = time.perf_counter() - start
+    report = accuracy_report(split.labels, predictions, classes)
+    report.update(precision=precision, device=str(device), images_per_s=len(split) / seconds)
+    return report, predictions

@@ -13,53 +13,15 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from training.artifact import InferenceModel, load_for_inference
 from training.cli_args import path_arg
-from training.data import Split, class_difference, load_test_split
-from training.engine import INFERENCE_PRECISIONS, accuracy_report, predict, prepare_for_inference
 from training.errors import UserError, check_output_file
-from training.preprocess import InputTransform
-from training.report import per_class_lines
-from training.runtime import resolve_device
+from training.interrupts import stop_status, stops_held
 
-log = logging.getLogger(__name__)
-
-
-def check_classes(data_classes: list[str], model_classes: list[str]) -> None:
-    """UserError unless the data's classes are the model's, in the same order."""
-    if data_classes != model_classes:
-        raise UserError(
-            "the data's classes are not the model's: "
-            + class_difference(data_classes, "the data", model_classes, "the model")
-        )
-
-
-def evaluate_model(
-    loaded: InferenceModel,
-    split: Split,
-    classes: list[str],
-    *,
-    device: torch.device,
-    precision: str = "fp32",
-    batch_size: int = 500,
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Accuracy report and per-image predictions of `loaded` on `split` (moved to `device`)."""
-    check_classes(classes, loaded.classes)
-    prec = prepare_for_inference(loaded.model, device, precision)
-    transform = InputTransform(loaded.preprocessing).to(device)
-    images = split.images.to(device)
-    start = time.perf_counter()
-    predictions = predict(loaded.model, transform, images, batch_size=batch_size, precision=prec)
-    seconds = time.perf_counter() - start
-    report = accuracy_report(split.labels, predictions, classes)
-    report.update(precision=precision, device=str(device), images_per_s=len(split) / seconds)
-    return report, predictions
+# training.engine.INFERENCE_PRECISIONS, spelled out: importing it would load PyTorch before a
+# Ctrl-C can be held (a test checks that the two agree).
+PRECISIONS = ("fp32", "bf16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download-root", type=path_arg, default=Path("data"),
                         help="where the CIFAR-10 download is (default: data)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (default) or bf16 weights, as the app serves them")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=500, help="default: 500")
     parser.add_argument(
@@ -86,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    with stops_held() as stops:
+        from training.artifact import load_for_inference
+        from training.data import load_test_split
+        from training.engine import evaluate_model
+        from training.report import per_class_lines
+        from training.runtime import resolve_device
+    if stops:
+        return stop_status(stops[0])
     try:
         if args.batch_size < 1:
             raise UserError("--batch-size must be at least 1")

@@ -13,25 +13,17 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from training.artifact import (
-    INDEX_NAME,
-    MAX_SHARD_BYTES,
-    ExportResult,
-    InferenceModel,
-    checkpoint_for_inference,
-    load_for_inference,
-    staged_artifact,
-)
-from training.checkpoint import load_checkpoint_and_digest
 from training.cli_args import path_arg
-from training.data import Split, load_test_split
 from training.errors import UserError
-from training.evaluate import check_classes, evaluate_model
-from training.report import write_text_atomic
-from training.runtime import resolve_device
+from training.interrupts import stop_status, stops_held
+
+if TYPE_CHECKING:  # main imports them, once a Ctrl-C can be held
+    import torch
+
+    from training.artifact import ExportResult, InferenceModel
+    from training.data import Split
 
 TOTAL_LIMIT_BYTES = 64_000_000  # what a git repository should carry for the model
 MAX_DROP = 0.2  # points of test accuracy the int8 export may lose against the checkpoint
@@ -56,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"many points below the checkpoint's (default {MAX_DROP})")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    with stops_held() as stops:
+        from training.artifact import checkpoint_for_inference, staged_artifact
+        from training.checkpoint import load_checkpoint_and_digest
+        from training.data import load_test_split
+        from training.engine import check_classes
+        from training.runtime import resolve_device
+    if stops:
+        return stop_status(stops[0])
     try:
         if args.max_drop is not None and not args.max_drop >= 0:  # NaN would refuse nothing
             raise UserError(f"--max-drop must be 0 or more points, not {args.max_drop}")
@@ -93,6 +93,11 @@ def _check(
     """Size limits, that the artifact loads as the app will load it, and, with test data, the
     accuracy drop against the checkpoint (recorded in the staged model.json); UserError when
     the artifact fails them."""
+    # Loaded by main already: these only bind the names.
+    from training.artifact import INDEX_NAME, MAX_SHARD_BYTES, load_for_inference
+    from training.engine import evaluate_model
+    from training.report import write_text_atomic
+
     largest = max(f["bytes"] for f in staged.files.values())
     print(f"wrote {len(staged.files)} shards + {INDEX_NAME}: "
           f"{staged.total_bytes:,} bytes, largest file {largest:,} bytes "

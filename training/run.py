@@ -13,12 +13,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import fields
 
 from training.cli_args import path_arg
 from training.errors import UserError
+from training.interrupts import stop_status, stops_held
 from training.recipes import RECIPES, TrainConfig, make_config
 
 
@@ -67,30 +66,6 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
-@contextmanager
-def _stops_held() -> Iterator[list[int]]:
-    """Ctrl-C and SIGTERM inside the block are noted in the list it gives, not raised. Raised
-    while PyTorch loads (the first seconds of every run), a KeyboardInterrupt ended the process
-    with a traceback from deep inside torch or NumPy, or with an abort from torch's C++
-    ('terminate called after throwing an instance of pybind11::error_already_set'). A signal
-    that is ignored (a job started with nohup or &) stays ignored."""
-    received: list[int] = []
-
-    def note(signum: int, frame: object) -> None:
-        received.append(signum)
-
-    previous = {
-        sig: signal.signal(sig, note)
-        for sig in (signal.SIGINT, signal.SIGTERM)
-        if signal.getsignal(sig) is not signal.SIG_IGN
-    }
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -103,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     explicit = {k for k, v in values.items() if v is not None} | (
         {"recipe"} if args.recipe else set()
     )
-    with _stops_held() as stops:
+    with stops_held() as stops:
         from training.trainer import train  # deferred: --help stays fast
     if stops:  # stopped before anything ran: nothing to resume
-        return 130 if stops[0] == signal.SIGINT else 128 + signal.SIGTERM
+        return stop_status(stops[0])
 
     # By default SIGTERM ends the process at once: a last.pt being written on the background
     # thread was lost with it (a run stopped early in epoch 2 kept no resumable checkpoint).
@@ -118,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        return 128 + signal.SIGTERM
+        return stop_status(signal.SIGTERM)
     except KeyboardInterrupt:
-        return 130
+        return stop_status(signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -35,9 +35,10 @@ from training.checkpoint import (
     model_section,
     to_cpu,
 )
-from training.data import Data, batch_slices, class_difference, epoch_order, load_data
+from training.data import Data, batch_slices, epoch_order, load_data
 from training.engine import Precision, TrainStep, evaluate
 from training.errors import UserError, refuse_a_dangling_link
+from training.folders import class_difference
 from training.model import AlexNet, AlexNetConfig, use_space_to_depth
 from training.preprocess import InputTransform, Preprocessing
 from training.recipes import TrainConfig

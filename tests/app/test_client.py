@@ -26,8 +26,8 @@ from tests.helpers import (
 )
 from training.artifact import load_for_inference
 from training.data import load_test_split
+from training.engine import evaluate_model
 from training.errors import UserError
-from training.evaluate import evaluate_model
 
 pytestmark = pytest.mark.slow
 

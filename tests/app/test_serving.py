@@ -36,7 +36,7 @@ from tests.app.support import (
 )
 from training.artifact import load_for_inference, sha256_file
 from training.data import Split
-from training.evaluate import evaluate_model
+from training.engine import evaluate_model
 from training.preprocess import reduce_image
 
 TOLERANCE = 1e-5

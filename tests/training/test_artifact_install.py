@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import training.artifact as artifact_module
+import training.data
+import training.engine
 import training.export as export_module
 from tests.app.support import make_checkpoint
 from tests.helpers import folder_locked_by_another_process
@@ -189,8 +191,8 @@ def test_an_export_that_loses_accuracy_is_refused_and_out_kept(
         ]
     )
     classes = list(old["classes"])  # the data has the model's classes (checked before staging)
-    monkeypatch.setattr(export_module, "load_test_split", lambda *a: ([0] * 200, classes, None))
-    monkeypatch.setattr(export_module, "evaluate_model", lambda *a, **k: next(reports))
+    monkeypatch.setattr(training.data, "load_test_split", lambda *a: ([0] * 200, classes, None))
+    monkeypatch.setattr(training.engine, "evaluate_model", lambda *a, **k: next(reports))
     code = export_module.main([str(ckpt_path), "--out", str(out), "--data-dir", str(tmp_path)])
     assert code == 2
     assert "loses 0.50 points of test accuracy (> --max-drop 0.2)" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import torch
 
 from tests.helpers import (
     ROOT,
+    STOP_WHEN_IMPORTED,
     TreeFactory,
     assert_one_line_error,
     cli_env,
@@ -183,25 +184,6 @@ def test_two_process_ddp_run(image_tree: Path, tmp_path: Path) -> None:
         path.unlink()
 
 
-# `python -c STOP_WHILE_TORCH_LOADS SIGNAL ARGS...` runs training.run with ARGS, sending itself
-# SIGNAL the moment `import torch` starts, as a Ctrl-C in the first seconds of a run would.
-STOP_WHILE_TORCH_LOADS = """
-import os, runpy, sys
-
-SIGNAL = int(sys.argv[1])
-
-class StopWhileTorchLoads:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch":
-            os.kill(os.getpid(), SIGNAL)
-        return None
-
-sys.meta_path.insert(0, StopWhileTorchLoads())
-sys.argv = ["training.run", *sys.argv[2:]]
-runpy.run_module("training.run", run_name="__main__", alter_sys=True)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "status"),
@@ -216,7 +198,7 @@ def test_a_stop_while_pytorch_loads_ends_quietly(
     after throwing an instance of pybind11::error_already_set'); SIGTERM killed the process
     outright. Both now stop it as a stop anywhere else does, before anything is written."""
     result = run_cli(
-        "-c", STOP_WHILE_TORCH_LOADS, int(sig), "--data-dir", image_tree,
+        "-c", STOP_WHEN_IMPORTED, int(sig), "torch", "training.run", "--data-dir", image_tree,
         "--device", "cpu", "--out-dir", tmp_path / "run",
     )  # fmt: skip
     assert result.returncode == status, result.stderr

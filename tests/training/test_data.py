@@ -31,13 +31,13 @@ from training.data import (
     crop_flip,
     decode_images,
     epoch_order,
-    list_image_folder,
     load_data,
     load_image_folder,
     load_test_split,
     split_indices,
 )
 from training.errors import UserError
+from training.folders import list_image_folder
 from training.preprocess import load_image
 
 # ---- the notebook's train/validation split ----------------------------------------------------

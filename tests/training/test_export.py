@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import training.artifact
+import training.data
+import training.engine
 from tests.app.support import make_checkpoint
 from tests.helpers import (
     LONG_CLASS_NAMES,
@@ -28,7 +31,7 @@ from training.artifact import (
     staged_artifact,
 )
 from training.checkpoint import build_model, save_atomic
-from training.data import list_image_folder, resolve_image_root
+from training.folders import list_image_folder, resolve_image_root
 from training.trainer import RunResult
 
 
@@ -203,7 +206,9 @@ def test_evaluate_refuses_a_missing_gpu_before_decoding(
     from training import evaluate
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(evaluate, "load_test_split", lambda *a: pytest.fail("decoded the data"))
+    monkeypatch.setattr(
+        training.data, "load_test_split", lambda *a: pytest.fail("decoded the data")
+    )
     last = tmp_path / "last.pt"
     save_atomic(ckpt, last)
     assert evaluate.main([str(last), "--data-dir", str(tmp_path), "--device", "cuda"]) == 2
@@ -277,8 +282,10 @@ def test_evaluate_prints_the_per_class_accuracies_in_one_column(
     from training import evaluate
 
     report = {"accuracy": 50.0, "images": 6, "images_per_s": 1.0, "per_class": per_class}
-    monkeypatch.setattr(evaluate, "load_for_inference", lambda path: None)
-    monkeypatch.setattr(evaluate, "load_test_split", lambda *a: (None, list(per_class), []))
-    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: (report, torch.tensor([])))
+    monkeypatch.setattr(training.artifact, "load_for_inference", lambda path: None)
+    monkeypatch.setattr(training.data, "load_test_split", lambda *a: (None, list(per_class), []))
+    monkeypatch.setattr(
+        training.engine, "evaluate_model", lambda *a, **k: (report, torch.tensor([]))
+    )
     assert evaluate.main([str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
     assert_per_class_column(capsys.readouterr().out, per_class)

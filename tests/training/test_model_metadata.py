@@ -16,9 +16,9 @@ import torch
 from tests.app.support import make_checkpoint
 from training.artifact import INDEX_NAME, export_artifact, load_for_inference
 from training.checkpoint import CheckpointError
-from training.data import list_image_folder
 from training.errors import UserError
 from training.export import main as export_main
+from training.folders import list_image_folder
 
 
 @pytest.fixture(scope="module")

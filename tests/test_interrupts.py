@@ -1,0 +1,102 @@
+"""Ctrl-C in a command's first seconds, or while the client waits on the server: a quiet exit
+with the shell's status for it (130), never a traceback. (training.run: tests/training/test_cli.py.)
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, STOP_WHEN_IMPORTED, cli_env, run_cli, write_image
+
+WEIGHTS = ROOT / "weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "name", "args"),
+    [
+        ("training.evaluate", "torch", [WEIGHTS, "--data-dir", "{tmp}"]),
+        ("training.export", "torch", ["{tmp}/last.pt", "--out", "{tmp}/out"]),
+        ("app", "torch", ["--checkpoint", WEIGHTS]),
+        # After PyTorch: the service's own modules, then the model's load and warm-up.
+        ("app", "app.predictor", ["--checkpoint", WEIGHTS, "--device", "cpu"]),
+    ],
+    ids=["evaluate", "export", "serve", "serve-loading"],
+)
+def test_ctrl_c_while_a_command_starts_ends_quietly(
+    module: str, name: str, args: list[str | Path], tmp_path: Path
+) -> None:
+    """Each printed a KeyboardInterrupt traceback from inside `import torch` (or an abort from
+    torch's C++), or, for the service, from the thread that loads the model."""
+    argv = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    result = run_cli("-c", STOP_WHEN_IMPORTED, int(signal.SIGINT), name, module, *argv)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    if name == "torch":  # stopped before anything ran
+        assert result.stderr == "" and result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_client_starts_without_pytorch() -> None:
+    """`app.client` needs only HTTP and a folder listing: it imported PyTorch (through
+    training.data) and took 1.9 s to start on 2 cores, a window in which Ctrl-C gave a
+    traceback."""
+    code = "import sys, app.client; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    result = run_cli("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert "'torch'" not in result.stdout and "'numpy'" not in result.stdout
+
+
+def test_the_evaluate_command_offers_every_inference_precision() -> None:
+    from training.engine import INFERENCE_PRECISIONS
+    from training.evaluate import PRECISIONS
+
+    assert PRECISIONS == INFERENCE_PRECISIONS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_ctrl_c_while_the_client_waits_ends_quietly(command: str, tmp_path: Path) -> None:
+    """A server that takes its time (a big batch, a slow GPU): Ctrl-C raised out of
+    asyncio.run with a traceback."""
+    image = write_image(tmp_path / "test" / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = threading.Event()
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        connection, _ = listener.accept()  # and never answer
+        held.append(connection)
+        accepted.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    args = [str(image)] if command == "predict" else ["--data-dir", str(tmp_path)]
+    script = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = ['app.client', *sys.argv[1:]]; "
+        "runpy.run_module('app.client', run_name='__main__', alter_sys=True)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, command, *args, "--url", url],
+        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        try:
+            assert accepted.wait(60), "the client never connected"
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+            listener.close()
+            for connection in held:
+                connection.close()
+    assert process.returncode == 130, err
+    assert err == "", err
