@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", type=path_arg, default=None, help="continue the run whose last.pt this is"
     )
+    parser.add_argument(
+        "--restart-best",
+        action="store_true",
+        help="with --resume, when the run's best.pt is lost or unreadable: continue anyway; "
+        "best.pt then holds the best of the epochs from last.pt's on",
+    )
     for f in fields(TrainConfig):
         if f.name == "recipe":
             continue
@@ -88,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         config = make_config(args.recipe or "seed", **values)
-        train(config, resume=args.resume, explicit=explicit)
+        if args.restart_best and args.resume is None:
+            raise UserError("--restart-best goes with --resume")
+        train(config, resume=args.resume, explicit=explicit, restart_best=args.restart_best)
     except (UserError, OSError) as exc:  # OSError: the reports on a full disk, a read-only folder
         print(f"error: {exc}", file=sys.stderr)
         return 2

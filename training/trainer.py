@@ -266,17 +266,21 @@ def train(
     resume: Path | None = None,
     explicit: set[str] | None = None,
     hooks: TrainHooks | None = None,
+    restart_best: bool = False,
 ) -> RunResult:
     """Run (or resume) a training run; rank 0 writes checkpoints and reports into out_dir.
 
     `explicit` names the settings the user passed on the command line; with `resume` only
-    location settings may differ from the checkpoint's.
+    location settings may differ from the checkpoint's. `restart_best` resumes a run whose
+    best.pt is lost: the best is then tracked again from the resumed epoch on.
     """
     hooks = hooks or TrainHooks()
     dist_info, device = init_distributed(cfg.device)
     try:
         with ExitStack() as held:  # the run folder's lock, once taken
-            return _train(cfg, resume, explicit or set(), hooks, dist_info, device, held)
+            return _train(
+                cfg, resume, explicit or set(), hooks, dist_info, device, held, restart_best
+            )
     finally:
         shutdown_distributed()
 
@@ -294,6 +298,7 @@ def _train(
     dist_info: Distributed,
     device: torch.device,
     held: ExitStack,
+    restart_best: bool = False,
 ) -> RunResult:
     ckpt: dict[str, Any] | None = None
     resumed_file = None
@@ -327,13 +332,46 @@ def _train(
         # (All epochs done but no test result: stopped during the final evaluation; resuming
         # runs just that.)
         best_epoch = int(ckpt["best"]["epoch"])
-        if best_epoch > 0 and not (resume.parent / "best.pt").exists():
+        best_file = resume.parent / "best.pt"
+        # The way on when best.pt is lost, from every refusal below.
+        way_on = (
+            f"or resume with --restart-best: best.pt then holds the best of epochs "
+            f"{ckpt['epoch']}-{cfg.epochs}"
+        )
+        on_disk: dict[str, Any] | None = None
+        lost = "missing" if best_epoch > 0 and not best_file.exists() else None
+        if best_file.exists():
+            try:
+                on_disk = dict(load_checkpoint(best_file)["best"])
+            except CheckpointError as exc:
+                lost = str(exc)
+        if restart_best:
+            if lost is None:  # it would replace the run's best weights for nothing
+                raise UserError(f"{best_file} is fine; resume without --restart-best")
+            # last.pt's own weights are the best known from here on: best.pt is rewritten from
+            # them below, so a stop before the next epoch still leaves a run that resumes.
+            log.warning(
+                "--restart-best: the best-validation weights of epoch %d are lost; best.pt will "
+                "hold the best of epochs %d-%d", best_epoch, ckpt["epoch"], cfg.epochs,
+            )  # fmt: skip
+            last_val = ckpt["metrics"][-1]["val_acc"] if ckpt["metrics"] else -1.0
+            # since_epoch: the record says that earlier epochs were not in the running.
+            ckpt["best"] = {
+                "epoch": ckpt["epoch"],
+                "val_acc": last_val,
+                "since_epoch": ckpt["epoch"],
+            }
+        elif lost == "missing":
             raise UserError(
-                f"{resume.parent / 'best.pt'} is missing: the run's best-validation weights "
-                f"(epoch {best_epoch}) are kept there; put it back beside {resume.name} to resume"
+                f"{best_file} is missing: the run's best-validation weights (epoch "
+                f"{best_epoch}) are kept there; put it back beside {resume.name}, {way_on}"
             )
-        on_disk = load_checkpoint(resume.parent / "best.pt")["best"]
-        if int(on_disk["epoch"]) != best_epoch:
+        elif lost is not None:
+            raise UserError(
+                f"{lost.rstrip('.')}; it holds the run's best-validation weights (epoch "
+                f"{best_epoch}): replace it with a good copy, {way_on}"
+            )
+        elif on_disk is not None and int(on_disk["epoch"]) != best_epoch:
             # best.pt is written before last.pt, so a run stopped between the two writes has a
             # best.pt one epoch ahead of last.pt's record (versions before 2026-11-27 wrote them
             # the other way round: it could lag). The record follows what the file holds.
@@ -341,7 +379,7 @@ def _train(
                 "best.pt holds epoch %d, last.pt records epoch %d as the best: keeping best.pt's",
                 on_disk["epoch"], best_epoch,
             )  # fmt: skip
-            ckpt["best"] = dict(on_disk)
+            ckpt["best"] = on_disk
     # Absolute in the checkpoints: the resume command that a stopped run prints (an absolute
     # --resume path) works from any folder; a relative --data-dir used to be looked up again
     # in whatever folder the resume ran from, and refused as "not a directory".
@@ -574,6 +612,9 @@ def _train(
 
     writer = CheckpointWriter() if dist_info.is_main else None
     best_state: dict[str, torch.Tensor] | None = None
+    if restart_best and writer is not None:
+        best_state = to_cpu(model.state_dict())  # the resumed weights: last.pt's
+        writer.submit(checkpoint(start_epoch, best_state, False, None), best_path)
     show_bar = dist_info.is_main and sys.stderr.isatty()
     log.info(
         "training %s on %s x%d: %s of %s, batch %d, %s%s%s",
@@ -667,7 +708,7 @@ def _train(
                 state = to_cpu(model.state_dict(), non_blocking=True)
                 is_best = m["val_acc"] > best["val_acc"]
                 if is_best:
-                    best = {"epoch": epoch + 1, "val_acc": m["val_acc"]}
+                    best = {**best, "epoch": epoch + 1, "val_acc": m["val_acc"]}
                     best_state = state
                 m["epoch_s"] = time.perf_counter() - t_epoch
                 m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start

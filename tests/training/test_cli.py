@@ -246,3 +246,10 @@ def test_a_stop_while_last_pt_is_written_keeps_it(
     assert f"--resume {out / 'last.pt'}" in output
     assert load_checkpoint(out / "last.pt")["epoch"] >= 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_restart_best_without_resume_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.run import main
+
+    assert main(["--restart-best"]) == 2
+    assert capsys.readouterr().err == "error: --restart-best goes with --resume\n"

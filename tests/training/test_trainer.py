@@ -427,6 +427,43 @@ def test_resume_without_the_runs_best_pt_stops_before_training(
     assert (moved / "last.pt").read_bytes() == before and sorted(os.listdir(moved)) == ["last.pt"]
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_lost_best_pt_is_named_and_restart_best_resumes_the_run(
+    damage: str, image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A healthy last.pt beside a best.pt that is gone or unreadable (a disk error, a partial
+    copy): the resume was refused with no way on but starting over, losing every epoch.
+    --restart-best continues; best.pt then holds the best of the epochs from last.pt's on,
+    starting with last.pt's own weights, and the record says since when."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    last_bytes = (run_dir / "last.pt").read_bytes()
+    resumed = load_checkpoint(run_dir / "last.pt")["model"]["state_dict"]
+    if damage == "missing":
+        (run_dir / "best.pt").unlink()
+    else:
+        (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"(missing|not a readable checkpoint).*--restart-best"):
+        train(config, resume=run_dir / "last.pt")
+    assert (run_dir / "last.pt").read_bytes() == last_bytes
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        result = train(config, resume=run_dir / "last.pt", restart_best=True)
+    assert "best.pt will hold the best of epochs 1-3" in caplog.text
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["best"]["since_epoch"] == 1 and best["best"]["epoch"] in (1, 2, 3)
+    assert result.best_test == json.loads((run_dir / "summary.json").read_text())["best"]["test"]
+    if best["best"]["epoch"] == 1:  # nothing later beat it: the weights are last.pt's of epoch 1
+        for name, tensor in best["model"]["state_dict"].items():
+            assert torch.equal(tensor, resumed[name]), name
+
+
+def test_restart_best_leaves_a_good_best_pt_alone(image_tree: Path, run_dir: Path) -> None:
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=2)
+    before = (run_dir / "best.pt").read_bytes()
+    with pytest.raises(UserError, match=r"best\.pt is fine; resume without --restart-best"):
+        train(config, resume=run_dir / "last.pt", restart_best=True)
+    assert (run_dir / "best.pt").read_bytes() == before
+
+
 def test_an_out_dir_that_cannot_hold_the_run_is_refused_before_training(
     image_tree: Path, run_dir: Path
 ) -> None:
