@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests' images share one forward pass.
 
 Request handlers (on the event loop) put images on a queue and await futures. One inference
-thread per device takes the first waiting image, then gathers more until the batch holds
+thread per server process (and so per device) takes the first waiting image, then gathers more until the batch holds
 `max_batch_size` images or `max_batch_delay_ms` have passed since that first image arrived,
 whichever comes first. It also closes a batch early when nothing else is on its way (no
 request is still decoding), so a lone request never waits for company it will not get.
@@ -155,7 +155,7 @@ class DynamicBatcher:
             self._queue.put(_STOP)
             self._thread.join(timeout_s)
 
-    def _take(self, item: _Item) -> None:
+    def _take(self) -> None:
         with self._lock:
             self._waiting -= 1
             self._metrics.queue_depth.set(self._waiting)
@@ -178,7 +178,7 @@ class DynamicBatcher:
                     break
             if nxt is _STOP:
                 return batch, True
-            self._take(nxt)  # type: ignore[arg-type]
+            self._take()
             batch.append(nxt)  # type: ignore[arg-type]
         return batch, False
 
@@ -188,7 +188,7 @@ class DynamicBatcher:
             first = self._queue.get()
             if first is _STOP:
                 break
-            self._take(first)  # type: ignore[arg-type]
+            self._take()
             batch, stopping = self._collect(first)  # type: ignore[arg-type]
             now = time.monotonic()
             live = [i for i in batch if not i.future.done() and i.deadline > now]
@@ -203,7 +203,7 @@ class DynamicBatcher:
             except queue.Empty:
                 break
             if item is not _STOP:
-                self._take(item)  # type: ignore[arg-type]
+                self._take()
                 rest.append(item)
         for start in range(0, len(rest), self.max_batch_size):
             self._run_batch(rest[start : start + self.max_batch_size])  # type: ignore[arg-type]

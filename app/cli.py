@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {detail}; see python -m app --help", file=sys.stderr)
         return 2
     try:
-        from app.main import configure_logging, create_app  # deferred: --help answers fast
+        from app.main import configure_logging, create_app  # FastAPI: only to serve
 
         configure_logging(settings.log_level)
         for line in unknown_variables(os.environ):

@@ -78,7 +78,8 @@ def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
 
 
 class Client:
-    """Synchronous calls; `predict_many` and `evaluate` run requests concurrently."""
+    """Synchronous calls; `predict_many` (and this module's `evaluate`) run requests
+    concurrently."""
 
     def __init__(
         self,
@@ -340,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     if "disagreements" in report:
         refused = report["not_compared"]
         if report["agreement"] is None:
-            print(f"agreement with the offline evaluation: unknown ({refused} images refused)")
+            print(
+                f"agreement with the offline evaluation: unknown ({refused} images refused or unreadable)"
+            )
         else:
             print(
                 f"agreement with the offline evaluation: {report['agreement']:.2f}% "
                 f"({report['disagreements']} of {report['compared']} images differ"
-                + (f"; {refused} not compared: refused by the server)" if refused else ")")
+                + (f"; {refused} not compared: refused, or unreadable here)" if refused else ")")
             )
     if args.json_out:
         try:

@@ -94,7 +94,8 @@ def index() -> FileResponse:
 
 
 def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction:
-    # Ten numbers: plain Python sorts them faster than a tensor op on the event loop. The sort
+    # One number per class (ten for CIFAR-10): for so few, plain Python sorts faster than a
+    # tensor op on the event loop. The sort
     # is stable, so exact ties (common in bf16) go to the lower class id, as argmax does: the
     # served label is then the one offline evaluation (training.engine) reports.
     values = probs.tolist()
@@ -218,7 +219,11 @@ async def predict(
     request: Request,
     state: State,
     file: Annotated[
-        UploadFile, File(description="one image: JPEG, PNG, WebP, BMP or GIF, any size")
+        UploadFile,
+        File(
+            description="one image: JPEG, PNG, WebP, BMP or GIF, any size up to the service's "
+            "upload and pixel limits (413 beyond them)"
+        ),
     ],
     top_k: TopK = 5,
 ) -> Prediction:

@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     port: int = setting(8000, "TCP port", ge=1, le=65535)
     max_batch_size: int = setting(32, "images per forward pass, at most", ge=1, le=1024)
     max_batch_delay_ms: float = setting(
-        2.0, "a batch closes this long after its first image (or when full)", ge=0, le=1000
+        2.0,
+        "a batch closes at most this long after its first image; at once when full, or when "
+        "no other request is on its way",
+        ge=0,
+        le=1000,
     )
     max_queue: int = setting(
         256, "images waiting for the model; beyond it: 503 + Retry-After", ge=1

@@ -92,7 +92,8 @@ def _is_quantized(name: str, tensor: torch.Tensor) -> bool:
 
 
 def quantized_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The float32 state dict the artifact will load as (for measuring the export's accuracy)."""
+    """The float32 state dict the artifact will load as, computed without writing it (the
+    export itself measures the files it staged; the tests compare the two)."""
     out = {}
     for name, tensor in state.items():
         out[name] = (

@@ -27,10 +27,6 @@ from training.runtime import available_cpus
 
 log = logging.getLogger(__name__)
 
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-
 
 @dataclass
 class Split:

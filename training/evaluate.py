@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: no traceback (an export leaves --out as it was)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback
         return 130
     if args.json:
         print(json.dumps(report, indent=1))

@@ -2,8 +2,8 @@
 
 No optimizer state, no pickle: int8 per-output-channel weights in safetensors shards of at most
 15 MiB with a model.json index (checksums, classes, preprocessing, accuracy, recipe). With
---data-dir it measures the artifact's test accuracy next to the full-precision checkpoint's and
-records both in model.json.
+test data (--data-dir, or --download-root for the CIFAR-10 download) it measures the artifact's
+test accuracy next to the full-precision checkpoint's and records both in model.json.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ from training.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
-# Settings a resumed run may change: where things are, not what is computed.
+# Settings a resumed run may change: where things are and how the run goes about its work,
+# not the weights it computes (--early-sgd and the warm-up keep them bit for bit).
 RESUME_OVERRIDABLE = {
     "device", "data_dir", "download_root", "eval_batch_size", "gpu_warmup", "early_sgd",
 }  # fmt: skip
@@ -271,7 +272,7 @@ def train(
     """Run (or resume) a training run; rank 0 writes checkpoints and reports into out_dir.
 
     `explicit` names the settings the user passed on the command line; with `resume` only
-    location settings may differ from the checkpoint's. `restart_best` resumes a run whose
+    those of RESUME_OVERRIDABLE may differ from the checkpoint's. `restart_best` resumes a run whose
     best.pt is lost: the best is then tracked again from the resumed epoch on.
     """
     hooks = hooks or TrainHooks()

@@ -324,7 +324,7 @@ def test_cli_evaluate_with_refused_images_exits_1_and_does_not_count_them_as_agr
     assert main(args) == 1
     captured = capsys.readouterr()
     assert "21 images over HTTP: " in captured.out and ", 1 errors," in captured.out
-    assert "of 20 images differ; 1 not compared: refused by the server)" in captured.out
+    assert "of 20 images differ; 1 not compared: refused, or unreadable here)" in captured.out
     assert captured.err.splitlines() == [
         f"1 of 21 images got no prediction, e.g. test/{CLASSES[0]}/scan.tif: HTTP 415 "
         "unsupported_format: TIFF images are not accepted; send JPEG, PNG, WebP, BMP or GIF"

@@ -355,3 +355,22 @@ def test_an_unknown_app_variable_is_named_with_the_setting_it_resembles() -> Non
         "APP_ENV is not a setting of this service and is ignored",
         "APP_MAX_QUEU is not a setting of this service and is ignored; did you mean APP_MAX_QUEUE?",
     ]
+
+
+def test_app_from_env_serves_what_the_app_variables_say(
+    artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The factory for running the service under another process manager
+    (`uvicorn --factory app.main:app_from_env`): every setting from APP_*, none from flags."""
+    from fastapi.testclient import TestClient
+
+    from app.main import app_from_env
+    from tests.app.conftest import wait_ready
+
+    monkeypatch.setenv("APP_CHECKPOINT", str(artifact))
+    monkeypatch.setenv("APP_DEVICE", "cpu")
+    monkeypatch.setenv("APP_MAX_BATCH_SIZE", "3")
+    with TestClient(app_from_env()) as client:
+        wait_ready(client)
+        assert client.get("/health").status_code == 200
+        assert client.app.state.serving.settings.max_batch_size == 3  # type: ignore[attr-defined]
