@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C while it loads and warms up (later, uvicorn handles it)
-        return 130
+        # At once, not after the load thread: that is still inside torch, and waiting for it
+        # took seconds, in which a second Ctrl-C aborted the interpreter ('terminate called
+        # without an active exception'). Nothing has been written that needs closing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     workers.exit_cleanly_after_drain()
     common = {
         "host": settings.host,

@@ -45,6 +45,34 @@ def test_ctrl_c_while_a_command_starts_ends_quietly(
     assert not (tmp_path / "out").exists()
 
 
+# `python -c SLOW_LOAD ARGS...` is `python -m app ARGS...` whose model load takes a minute and
+# gets a Ctrl-C as it starts (the thread that loads runs no Python a hook could stop on).
+SLOW_LOAD = """
+import os, runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import app.predictor
+
+def slow_load(*args):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(60)
+
+app.predictor._load = slow_load
+sys.argv = ["app", *sys.argv[1:]]
+runpy.run_module("app", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_model_loads_exits_without_waiting_for_the_load() -> None:
+    """The exit waited for the load thread (1.5-1.9 s on 2 cores; longer on a GPU), and a
+    second Ctrl-C in that wait aborted the interpreter: 'terminate called without an active
+    exception'."""
+    # The timeout fails the test if the process sits out the 60 s load.
+    result = run_cli("-c", SLOW_LOAD, "--checkpoint", WEIGHTS, "--device", "cpu", timeout=50)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "terminate" not in result.stderr
+
+
 def test_the_client_starts_without_pytorch() -> None:
     """`app.client` needs only HTTP and a folder listing: it imported PyTorch (through
     training.data) and took 1.9 s to start on 2 cores, a window in which Ctrl-C gave a

@@ -93,7 +93,7 @@ def _check(
     """Size limits, that the artifact loads as the app will load it, and, with test data, the
     accuracy drop against the checkpoint (recorded in the staged model.json); UserError when
     the artifact fails them."""
-    # Loaded by main already: these only bind the names.
+    # Loaded by main already (training.report is plain Python): these only bind the names.
     from training.artifact import INDEX_NAME, MAX_SHARD_BYTES, load_for_inference
     from training.engine import evaluate_model
     from training.report import write_text_atomic
