@@ -1,9 +1,9 @@
 """Dynamic batching: concurrent requests' images share one forward pass.
 
 Request handlers (on the event loop) put images on a queue and await futures. One inference
-thread per server process (and so per device) takes the first waiting image, then gathers more until the batch holds
-`max_batch_size` images or `max_batch_delay_ms` have passed since that first image arrived,
-whichever comes first. It also closes a batch early when nothing else is on its way (no
+thread per server process (and so per device) takes the first waiting image, then gathers
+more until the batch holds `max_batch_size` images or `max_batch_delay_ms` have passed since
+that first image arrived, whichever comes first. It also closes a batch early when nothing else is on its way (no
 request is still decoding), so a lone request never waits for company it will not get.
 The event loop never runs the model.
 """

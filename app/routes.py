@@ -95,9 +95,9 @@ def index() -> FileResponse:
 
 def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction:
     # One number per class (ten for CIFAR-10): for so few, plain Python sorts faster than a
-    # tensor op on the event loop. The sort
-    # is stable, so exact ties (common in bf16) go to the lower class id, as argmax does: the
-    # served label is then the one offline evaluation (training.engine) reports.
+    # tensor op on the event loop. The sort is stable, so exact ties (common in bf16) go to the
+    # lower class id, as argmax does: the served label is then the one offline evaluation
+    # (training.engine) reports.
     values = probs.tolist()
     order = sorted(range(len(values)), key=lambda i: -values[i])[:k]
     top = [ClassScore(label=classes[i], class_id=i, probability=round(values[i], 6)) for i in order]
