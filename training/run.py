@@ -74,6 +74,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.restart_best and args.resume is None:  # before PyTorch loads: a second at least
+        print("error: --restart-best goes with --resume", file=sys.stderr)
+        return 2
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -94,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         config = make_config(args.recipe or "seed", **values)
-        if args.restart_best and args.resume is None:
-            raise UserError("--restart-best goes with --resume")
         train(config, resume=args.resume, explicit=explicit, restart_best=args.restart_best)
     except (UserError, OSError) as exc:  # OSError: the reports on a full disk, a read-only folder
         print(f"error: {exc}", file=sys.stderr)
