@@ -12,6 +12,7 @@ import warnings
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from app.limits import PIL_PIXEL_LIMIT
 from training.preprocess import reduce_image
 
 # PIL format -> the name a client knows. Pillow opens a JPEG that carries a multi-picture
@@ -21,9 +22,6 @@ ALLOWED_FORMATS = {
 }  # fmt: skip
 # How the accepted formats' files begin (WebP: RIFF....WEBP, checked apart).
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-# Image.open itself refuses images over twice Pillow's MAX_IMAGE_PIXELS (89,478,485 by default),
-# whatever our own limit is; Settings caps max_image_pixels at this.
-PIL_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 class ImageError(ValueError):

@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.decoding import PIL_PIXEL_LIMIT
-from training.runtime import available_cpus
+from app.limits import PIL_PIXEL_LIMIT
+from training.cpus import available_cpus
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
+from training.cpus import available_cpus
 from training.errors import UserError
 from training.folders import list_image_folder, resolve_image_root
 from training.preprocess import load_image
-from training.runtime import available_cpus
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,26 +12,6 @@ import torch.distributed as dist
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-
-
-def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """The CPUs this process may use: its affinity mask and, in a container, its cgroup's CPU
-    quota (`docker run --cpus 2`), both of which os.cpu_count() ignores; threads beyond them
-    only wait for one another."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        count = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            count = min(count, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 quota here
-        pass
-    return max(1, count)
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.cpus import available_cpus
 from training.errors import UserError
-from training.runtime import available_cpus, init_distributed, resolve_device
+from training.runtime import init_distributed, resolve_device
 
 
 @pytest.fixture
