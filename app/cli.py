@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
@@ -19,6 +20,9 @@ from app import workers
 from app.protocol import guarded_protocol
 from app.settings import Settings
 from training.errors import UserError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("app")
 
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
-    workers.exit_cleanly_after_drain()
+    stops = workers.note_stops()
     common = {
         "host": settings.host,
         "port": settings.port,
@@ -85,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_graceful_shutdown": math.ceil(settings.graceful_shutdown_s),
     }
     if settings.workers == 1:
+
+        def serving_app() -> FastAPI:
+            workers.exit_if_stopped(stops)  # uvicorn calls this once its handlers are in place
+            return create_app(settings, predictor)
+
         uvicorn.run(
-            create_app(settings, predictor),
-            http=guarded_protocol(settings.read_timeout_s),
-            **common,
+            serving_app, factory=True, http=guarded_protocol(settings.read_timeout_s), **common
         )
     else:
         del predictor  # each worker process loads its own copy
@@ -103,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             try:
                 return workers.run_workers(
-                    settings.workers, graceful_shutdown_s=settings.graceful_shutdown_s, **common
+                    settings.workers,
+                    graceful_shutdown_s=settings.graceful_shutdown_s,
+                    stops=stops,
+                    **common,
                 )
             except OSError as exc:
                 print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}"

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -28,6 +29,7 @@ import uvicorn
 
 from app.protocol import guarded_protocol
 from app.settings import Settings
+from training.interrupts import stop_status
 
 log = logging.getLogger("app.workers")
 
@@ -99,12 +101,30 @@ def claim_port(host: str, port: int) -> socket.socket:
         return reuseport_socket(host, port)
 
 
-def exit_cleanly_after_drain() -> None:
-    """uvicorn re-raises the SIGTERM/SIGINT that stopped it once it has drained; with the
-    default handlers that ends the process by the signal (-15), or with a KeyboardInterrupt
-    traceback. Ignoring the re-raised signal lets a graceful shutdown exit 0."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def note_stops() -> list[int]:
+    """From here on, SIGTERM and SIGINT are noted in the list returned instead of acted on,
+    whenever no one else handles them:
+    - before uvicorn (or the supervisor) installs its own handlers, which uvicorn does only once
+      its event loop runs: `exit_if_stopped`, called once they are in place, ends the process
+      for a stop that came in between (ignored, it left a worker loading its model and serving
+      after the supervisor had told it to stop, and the supervisor waiting out the drain time);
+    - after uvicorn restores these handlers: it re-raises the signal that stopped it once it has
+      drained, and the default handlers would end the process by the signal (-15), or with a
+      KeyboardInterrupt traceback. Noted, a graceful shutdown exits 0."""
+    received: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _: received.append(signum))
+    return received
+
+
+def exit_if_stopped(stops: list[int]) -> None:
+    """End the process if `note_stops` noted a stop: nothing is served yet, and the exit status
+    says what stopped it (130 for Ctrl-C, as during the model's load; 143 for SIGTERM)."""
+    if stops:
+        raise SystemExit(stop_status(stops[0]))
 
 
 def stop_with_parent(parent: int) -> None:
@@ -132,16 +152,20 @@ def _serve(
 ) -> None:
     """One worker process: its own socket (bound; uvicorn listens on it once the model is
     warm), then uvicorn on the app built from APP_*; `ready` is set once it listens."""
+    stops = note_stops()
+    # Blocked until now by the supervisor (see `launch`): a stop that came meanwhile is noted.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    exit_if_stopped(stops)
     sock = reuseport_socket(host, port)
-    exit_cleanly_after_drain()
 
     def build_app() -> Any:
+        # uvicorn calls this factory once its own handlers are in place: a later stop drains
+        # the worker; one before (while uvicorn set up its event loop) is noted in `stops`.
+        exit_if_stopped(stops)
         from app.main import worker_app_from_env
 
         served = worker_app_from_env()  # quick: the model loads at startup, after this
-        # uvicorn calls this factory once its SIGTERM handler is in place: the signal then
-        # drains the worker. Before, exit_cleanly_after_drain's handler would swallow it.
-        stop_with_parent(supervisor)
+        stop_with_parent(supervisor)  # here, where the SIGTERM it may send drains the worker
         return served
 
     async def listening() -> None:  # uvicorn calls it right after startup, then every 30 s
@@ -209,14 +233,23 @@ def _mark_dead(pid: int | None) -> None:
 
 
 def run_workers(
-    count: int, host: str, port: int, graceful_shutdown_s: float, **uvicorn_options: Any
+    count: int,
+    host: str,
+    port: int,
+    graceful_shutdown_s: float,
+    stops: list[int] | None = None,
+    **uvicorn_options: Any,
 ) -> int:
     """Serve with `count` processes until SIGTERM/SIGINT; 0 after a clean drain, 1 when
-    workers kept failing. OSError when the port cannot be bound (reported by the CLI)."""
+    workers kept failing. OSError when the port cannot be bound (reported by the CLI).
+    `stops`: the list of `note_stops`, if the caller noted stops until now; if it holds one,
+    no worker starts, and the status is the signal's (130 for Ctrl-C)."""
     guard = claim_port(host, port)
     context = multiprocessing.get_context("spawn")  # no forked torch or thread state
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
+    if stops:  # noted before these handlers were in place
+        stop.set()
 
     def launch(index: int) -> tuple[BaseProcess, ctypes.c_bool]:
         # No lock (an Event has one): a worker killed while it holds it would hang this loop.
@@ -226,7 +259,18 @@ def run_workers(
             args=(host, port, uvicorn_options, ready, os.getpid()),
             name=f"worker-{index}",
         )
-        process.start()  # from the main thread: the death signal follows the starting thread
+        # The child inherits the signal mask (through fork and exec), not the handlers: with
+        # the stop signals blocked until `_serve` installs its handlers, a Ctrl-C to the
+        # process group during the child's start-up (Python's site, the imports) waits for
+        # them, where it raised a KeyboardInterrupt, with a traceback. This process gets its
+        # own once the mask is restored. (Started later, multiprocessing's resource tracker
+        # would unblock them in the middle of start().)
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()  # from the main thread: the death signal follows the starting thread
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         log.info("worker %d started (pid %s)", index, process.pid)
         return process, ready
 
@@ -245,7 +289,7 @@ def run_workers(
             slot.restart_at = None
         return True
 
-    slots = [_Slot(i, *launch(i)) for i in range(count)]
+    slots = [] if stop.is_set() else [_Slot(i, *launch(i)) for i in range(count)]
     failed = False
     try:
         while not stop.wait(0.5):
@@ -267,4 +311,6 @@ def run_workers(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         guard.close()
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return stop_status(stops[0]) if stops and not slots else 0

@@ -28,8 +28,10 @@ WEIGHTS = ROOT / "weights"
         ("app", "torch", ["--checkpoint", WEIGHTS]),
         # After PyTorch: the service's own modules, then the model's load and warm-up.
         ("app", "app.predictor", ["--checkpoint", WEIGHTS, "--device", "cpu"]),
+        # Model loaded, uvicorn starting: it swallowed the Ctrl-C and served on.
+        ("app", "uvicorn.loops.auto", ["--checkpoint", WEIGHTS, "--device", "cpu"]),
     ],
-    ids=["evaluate", "export", "serve", "serve-loading"],
+    ids=["evaluate", "export", "serve", "serve-loading", "serve-starting-uvicorn"],
 )
 def test_ctrl_c_while_a_command_starts_ends_quietly(
     module: str, name: str, args: list[str | Path], tmp_path: Path
@@ -37,8 +39,9 @@ def test_ctrl_c_while_a_command_starts_ends_quietly(
     """Each printed a KeyboardInterrupt traceback from inside `import torch` (or an abort from
     torch's C++), or, for the service, from the thread that loads the model."""
     argv = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
-    result = run_cli("-c", STOP_WHEN_IMPORTED, int(signal.SIGINT), name, module, *argv)
+    result = run_cli("-c", STOP_WHEN_IMPORTED, int(signal.SIGINT), name, module, *argv, timeout=90)
     assert result.returncode == 130, result.stderr
+    assert "Application startup complete" not in result.stderr  # it never served
     assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr
     if name == "torch":  # stopped before anything ran
         assert result.stderr == "" and result.stdout == ""

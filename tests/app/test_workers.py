@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
@@ -344,3 +345,76 @@ def test_workers_that_fail_at_start_stop_the_server_instead_of_restarting_foreve
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_stop_noted_before_the_supervisor_started_starts_no_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Ctrl-C after the model check, before the supervisor's handlers: it went unseen."""
+    port = free_port()
+    stops = [int(signal.SIGINT)]
+    with caplog.at_level(logging.INFO, logger="app.workers"):
+        code = workers.run_workers(2, "127.0.0.1", port, 1.0, stops=stops, log_level="critical")
+    assert code == 130
+    assert "started" not in caplog.text
+    workers.claim_port("127.0.0.1", port).close()  # and the port is free again
+
+
+# Loaded by every Python process of the test through PYTHONPATH; acts in the workers only: the
+# moment a worker starts to import $WHEN, a Ctrl-C to the worker alone or, as at a terminal, to
+# the whole process group ($TO).
+CTRL_C_IN_A_WORKER = """
+import os, signal, sys
+
+class CtrlCWhenImported:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["WHEN"]:
+            sys.meta_path.remove(self)
+            if os.environ["TO"] == "group":
+                os.killpg(0, signal.SIGINT)
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+if "--multiprocessing-fork" in sys.argv:
+    sys.meta_path.insert(0, CtrlCWhenImported())
+"""
+
+
+def _serve_two_workers_with(
+    artifact: Path, tmp_path: Path, **env: str
+) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_IN_A_WORKER)
+    path = os.pathsep.join([str(tmp_path), str(ROOT)])
+    args = [
+        "-m", "app", "--checkpoint", artifact, "--port", free_port(), "--device", "cpu",
+        "--workers", "2", "--threads", "1", "--graceful-shutdown-s", "1",
+    ]  # fmt: skip
+    return run_cli(*args, env=cli_env(PYTHONPATH=path, **env), timeout=100)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_worker_during_its_start_up_is_no_traceback(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """In multiprocessing's start-up code (here: unpickling the worker's function) a Ctrl-C
+    raised KeyboardInterrupt, and each worker printed a traceback."""
+    result = _serve_two_workers_with(artifact, tmp_path, WHEN="uvicorn", TO="worker")
+    assert "Traceback" not in result.stderr
+    # A worker that does not start stops the service (the restart policy), saying why.
+    assert result.returncode == 1, result.stderr
+    assert "exited with code 130 before it was ready" in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_uvicorn_starts_in_the_workers_stops_them(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """After a worker set its own handlers and before uvicorn set its, the worker swallowed the
+    Ctrl-C and then the supervisor's SIGTERM: it loaded its model and served, and the
+    supervisor killed it once the drain time was over."""
+    result = _serve_two_workers_with(artifact, tmp_path, WHEN="uvicorn.loops.auto", TO="group")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "did not stop in time" not in result.stderr
+    assert "Application startup complete" not in result.stderr  # no model was loaded
