@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import unicodedata
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def epoch_line(m: dict[str, Any], epochs: int) -> str:
@@ -77,12 +83,62 @@ def plot_curves(path: Path, metrics: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
+def fonts_for(texts: Iterable[str]) -> tuple[list[str], str]:
+    """Font families that draw `texts`: matplotlib's default, then installed fonts with the
+    characters it lacks; and the characters that no installed font has.
+
+    Class names come from folder names, in any script. matplotlib draws each character with
+    the first listed family that has it, but lists only its default (DejaVu Sans: Latin,
+    Greek, Cyrillic), so a Chinese or Japanese name was a row of boxes even where a font for it
+    was installed, and a warning for each character."""
+    from matplotlib import font_manager, ft2font
+
+    def characters(path: str) -> set[int]:
+        return set(ft2font.FT2Font(path).get_charmap())
+
+    default = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))
+    families = [ft2font.FT2Font(default).family_name]
+    wanted = {ord(c) for text in texts for c in text if unicodedata.category(c)[0] not in "CZ"}
+    missing = wanted - characters(default)
+    for font in font_manager.fontManager.ttflist:
+        # Last Resort has a placeholder glyph for every code point: a box by another name.
+        if not missing or font.name in families or font.name.startswith("Last Resort"):
+            continue
+        try:
+            found = missing & characters(font.fname)
+        except (OSError, RuntimeError):  # a font file that FreeType cannot read
+            continue
+        if found:
+            families.append(font.name)
+            missing -= found
+    return families, "".join(map(chr, sorted(missing)))
+
+
 def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    families, absent = fonts_for([*classes, title])
+    if absent:
+        log.warning(
+            "%s: no installed font has the characters %s, drawn as boxes in the class names "
+            "(a font for their script, e.g. Noto Sans CJK, would draw them)",
+            path.name,
+            " ".join(absent),
+        )
+    with (
+        matplotlib.rc_context({"font.family": families}),
+        warnings.catch_warnings(),  # one warning above, not one per character
+    ):
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+        _draw_confusion(plt, path, confusion, classes, title)
+
+
+def _draw_confusion(
+    plt: Any, path: Path, confusion: list[list[int]], classes: list[str], title: str
+) -> None:
     n = len(classes)
     # A cell is 0.6 inch; with few classes the title and the axis labels set the width.
     fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.6 * n), max(4.0, 0.6 + 0.6 * n)))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import unicodedata
+import warnings
 from pathlib import Path
 
 import matplotlib.colors
+import matplotlib.figure
 import numpy as np
 import pytest
+from matplotlib import font_manager
 from PIL import Image
 
-from training.report import display_width, per_class_lines, plot_confusion
+from training.report import display_width, fonts_for, per_class_lines, plot_confusion
 
 
 def _ink_on_the_border(path: Path) -> bool:
@@ -86,3 +89,37 @@ def test_per_class_percentages_line_up_in_terminal_columns_for_wide_names() -> N
     assert display_width("หมี") == 2
     assert display_width(unicodedata.normalize("NFD", "자동차")) == 6 == display_width("자동차")
     assert display_width("cat\tdog") == 6  # a control character takes no column of its own
+
+
+SCRIPT_LETTER = "\u210a"  # SCRIPT SMALL G: not in DejaVu Sans, in matplotlib's own STIX fonts
+
+
+def test_class_names_fall_back_to_an_installed_font_that_has_their_characters(
+    tmp_path: Path,
+) -> None:
+    """matplotlib falls back glyph by glyph only through the families it is given, and was
+    given DejaVu Sans alone: a name in another script was drawn as boxes."""
+    families, absent = fonts_for(["cat", SCRIPT_LETTER])
+    assert families[0] == "DejaVu Sans" and len(families) > 1 and absent == ""
+    with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font(s)" fails the test
+        fig = matplotlib.figure.Figure()
+        fig.text(0.5, 0.5, f"cat {SCRIPT_LETTER}")
+        fig.savefig(tmp_path / "text.png")
+
+
+def test_characters_that_no_font_has_are_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each missing character was a UserWarning of its own, at the end of every run."""
+    fonts = font_manager.fontManager.ttflist
+    monkeypatch.setattr(
+        font_manager.fontManager, "ttflist", [f for f in fonts if f.name == "DejaVu Sans"]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion(tmp_path / "confusion.png", [[1, 0], [0, 1]], ["猫", "犬"], "test")
+    assert [str(w.message) for w in caught] == []
+    (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "confusion.png" in record.message and "犬 猫" in record.message
+    assert (tmp_path / "confusion.png").exists()
