@@ -34,6 +34,7 @@ import httpx
 from training.cli_args import path_arg
 from training.errors import UserError, check_output_file
 from training.folders import class_difference, list_image_folder, resolve_image_root
+from training.interrupts import exit_status
 from training.report import per_class_lines
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -331,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: asyncio has cancelled the requests; no traceback
         return 130
+    unwritten = None  # written before the report is printed: a reader that goes away (| head)
+    if args.json_out:  # then loses none of it
+        try:
+            args.json_out.write_text(json.dumps(report, indent=1))
+        except OSError as exc:
+            unwritten = f"error: cannot write {args.json_out}: {exc.strerror or exc}"
     print(
         f"{report['images']} images over HTTP: {report['accuracy']:.2f}% top-1, "
         f"{report['errors']} errors, {report['requests_per_s']:.1f} requests/s "
@@ -350,12 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"({report['disagreements']} of {report['compared']} images differ"
                 + (f"; {refused} not compared: refused, or unreadable here)" if refused else ")")
             )
-    if args.json_out:
-        try:
-            args.json_out.write_text(json.dumps(report, indent=1))
-        except OSError as exc:
-            print(f"error: cannot write {args.json_out}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
+    if unwritten:  # after the report, which is then the only copy
+        print(unwritten, file=sys.stderr)
+        return 2
     if report["errors"]:
         example = next(iter(report["error_examples"].items()))
         print(
@@ -368,4 +372,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

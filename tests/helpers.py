@@ -127,6 +127,36 @@ def run_cli(
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def run_cli_into_a_closed_pipe(
+    *args: str | os.PathLike[str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `python ARGS...` with stdout a pipe whose reader has gone, as in `... | head -1`
+    once head has its line: every write to stdout fails (EPIPE). stderr is captured."""
+    command = [sys.executable, *map(str, args)]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        os.close(write_end)
+    with process:
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
+
+
 def tiny_config(recipe: str, data_dir: Path, out_dir: Path, **overrides: Any) -> TrainConfig:
     """A run that takes seconds on a CPU: 2 epochs of 2 steps of 8 images (on `image_tree`'s
     24 training images, 6 held out for validation)."""

@@ -1,9 +1,11 @@
-"""Ctrl-C in a command's first seconds, or while the client waits on the server: a quiet exit
-with the shell's status for it (130), never a traceback. (training.run: tests/training/test_cli.py.)
+"""Ctrl-C in a command's first seconds, or while the client waits on the server, and a reader
+of its output that goes away (`| head -1`): a quiet exit with the shell's status for it (130,
+141), never a traceback. (training.run: tests/training/test_cli.py.)
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -14,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, STOP_WHEN_IMPORTED, cli_env, run_cli, write_image
+from tests.helpers import (
+    ROOT,
+    STOP_WHEN_IMPORTED,
+    cli_env,
+    run_cli,
+    run_cli_into_a_closed_pipe,
+    write_image,
+)
 
 WEIGHTS = ROOT / "weights"
 
@@ -131,3 +140,41 @@ def test_ctrl_c_while_the_client_waits_ends_quietly(command: str, tmp_path: Path
                 connection.close()
     assert process.returncode == 130, err
     assert err == "", err
+
+
+# ---- a reader that goes away: `... | head -1` ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluate_into_a_closed_pipe_writes_its_predictions_and_ends_quietly(
+    tmp_path: Path,
+) -> None:
+    """It printed a BrokenPipeError traceback, and --predictions-out, written after the
+    report, was never written."""
+    from training.artifact import read_index
+
+    for k, name in enumerate(read_index(WEIGHTS)["classes"]):
+        write_image(tmp_path / "test" / name / "0.png", np.full((32, 32, 3), 20 * k, np.uint8))
+    out = tmp_path / "predictions.json"
+    result = run_cli_into_a_closed_pipe(
+        "-m", "training.evaluate", WEIGHTS, "--data-dir", tmp_path, "--device", "cpu",
+        "--predictions-out", out,
+    )  # fmt: skip
+    assert result.returncode == 141, result.stderr  # 128 + SIGPIPE, as a shell reports it
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert len(json.loads(out.read_text())) == 10
+
+
+@pytest.mark.slow
+def test_a_training_run_into_a_closed_pipe_goes_on_quietly(
+    image_tree: Path, tmp_path: Path
+) -> None:
+    """Each epoch's log line printed a 'Logging error' traceback on stderr."""
+    out = tmp_path / "run"
+    result = run_cli_into_a_closed_pipe(
+        "-m", "training.run", "--data-dir", image_tree, "--out-dir", out, "--device", "cpu",
+        "--epochs", "2", "--batch-size", "8", "--valid-size", "0.25", "--eval-batch-size", "16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from training.cli_args import path_arg
 from training.errors import UserError
-from training.interrupts import stop_status, stops_held
+from training.interrupts import exit_status, stop_status, stops_held
 
 if TYPE_CHECKING:  # main imports them, once a Ctrl-C can be held
     import torch
@@ -140,4 +140,4 @@ def _check(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -23,6 +23,7 @@ from tests.helpers import (
     assert_one_line_error,
     assert_per_class_column,
     run_cli,
+    run_cli_into_a_closed_pipe,
 )
 from training.artifact import load_for_inference
 from training.data import load_test_split
@@ -272,6 +273,49 @@ def test_cli_evaluate_writes_its_json_report(
     report = json.loads(out.read_text())
     assert report["images"] == 20 and report["compared"] == 20 and report["concurrency"] == 3
     assert capsys.readouterr().out.startswith("20 images over HTTP: ")
+
+
+def test_cli_into_a_closed_pipe_ends_quietly_with_its_report_written(
+    server: Server, test_tree: Path, tmp_path: Path
+) -> None:
+    """`predict ... | head -1` printed a BrokenPipeError traceback; `evaluate --json-out`
+    wrote its report after printing it, so a closed pipe lost it."""
+    images = [tmp_path / f"{k}.jpg" for k in range(3)]
+    for k, image in enumerate(images):
+        image.write_bytes(jpeg(seed=k))
+    result = run_cli_into_a_closed_pipe("-m", "app.client", "predict", *images, "--url", server.url)
+    assert result.returncode == 141, result.stderr  # 128 + SIGPIPE, as a shell reports it
+    assert result.stderr == ""
+    out = tmp_path / "report.json"
+    result = run_cli_into_a_closed_pipe(
+        "-m", "app.client", "evaluate", "--url", server.url, "--data-dir", test_tree,
+        "--json-out", out,
+    )  # fmt: skip
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(out.read_text())["images"] == 20
+
+
+def test_cli_evaluate_prints_its_report_when_the_json_report_cannot_be_written(
+    server: Server,
+    test_tree: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Written before the report is printed; when that fails (a full disk), the printed
+    report is the only copy, so it is still printed, then the error."""
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--url", server.url, "--data-dir", str(test_tree), "--json-out", str(out)]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("20 images over HTTP: ")
+    assert captured.err.strip() == f"error: cannot write {out}: No space left on device"
 
 
 @pytest.mark.parametrize("concurrency", [0, -1])

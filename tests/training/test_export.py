@@ -289,3 +289,32 @@ def test_evaluate_prints_the_per_class_accuracies_in_one_column(
     )
     assert evaluate.main([str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
     assert_per_class_column(capsys.readouterr().out, per_class)
+
+
+def test_evaluate_prints_its_report_when_the_predictions_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file is written before the report is printed (a closed pipe then loses neither);
+    when writing it fails (a full disk), the report is still printed, then the error."""
+    from training import evaluate
+
+    per_class = {"a": 100.0, "b": 0.0}
+    report = {"accuracy": 50.0, "images": 2, "images_per_s": 1.0, "per_class": per_class}
+    monkeypatch.setattr(training.artifact, "load_for_inference", lambda path: None)
+    monkeypatch.setattr(training.data, "load_test_split", lambda *a: (None, ["a", "b"], ["x", "y"]))
+    monkeypatch.setattr(
+        training.engine, "evaluate_model", lambda *a, **k: (report, torch.tensor([0, 0]))
+    )
+    out = tmp_path / "p.json"
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    code = evaluate.main(
+        [str(tmp_path / "last.pt"), "--device", "cpu", "--predictions-out", str(out)]
+    )
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out.startswith(f"{tmp_path / 'last.pt'}: 50.00% top-1 on 2 images")
+    assert captured.err.strip() == f"error: cannot write {out}: No space left on device"
