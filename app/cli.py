@@ -20,6 +20,7 @@ from app import workers
 from app.protocol import guarded_protocol
 from app.settings import Settings
 from training.errors import UserError
+from training.interrupts import stop_status
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -89,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_graceful_shutdown": math.ceil(settings.graceful_shutdown_s),
     }
     if settings.workers == 1:
+        # Built here: an error in it keeps its traceback (uvicorn reports a TypeError raised
+        # inside a factory in one line).
+        served = create_app(settings, predictor)
 
         def serving_app() -> FastAPI:
             workers.exit_if_stopped(stops)  # uvicorn calls this once its handlers are in place
-            return create_app(settings, predictor)
+            return served
 
         uvicorn.run(
             serving_app, factory=True, http=guarded_protocol(settings.read_timeout_s), **common
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             # Before the workers import prometheus-client: /metrics then sums all processes.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             if not workers.supported():
+                if stops:  # uvicorn's own supervisor would never see it
+                    return stop_status(stops[0])
                 uvicorn.run(
                     "app.main:worker_app_from_env", factory=True, workers=settings.workers, **common
                 )

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
@@ -246,10 +245,13 @@ def run_workers(
     no worker starts, and the status is the signal's (130 for Ctrl-C)."""
     guard = claim_port(host, port)
     context = multiprocessing.get_context("spawn")  # no forked torch or thread state
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
-    if stops:  # noted before these handlers were in place
-        stop.set()
+    received = stops if stops is not None else []
+    # A list, not a threading.Event: the handler runs on the main thread between two bytecodes,
+    # and Event.set takes the lock that the main thread's Event.wait may hold right then; the
+    # supervisor deadlocked (1 in 16 SIGTERMs sent as the workers started), workers serving on.
+    previous = {
+        s: signal.signal(s, lambda signum, _: received.append(signum)) for s in STOP_SIGNALS
+    }
 
     def launch(index: int) -> tuple[BaseProcess, ctypes.c_bool]:
         # No lock (an Event has one): a worker killed while it holds it would hang this loop.
@@ -289,13 +291,14 @@ def run_workers(
             slot.restart_at = None
         return True
 
-    slots = [] if stop.is_set() else [_Slot(i, *launch(i)) for i in range(count)]
+    slots = [] if received else [_Slot(i, *launch(i)) for i in range(count)]
     failed = False
     try:
-        while not stop.wait(0.5):
+        while not received:
             if not all(check(slot) for slot in slots):
                 failed = True
                 break
+            time.sleep(0.1)  # a signal does not cut it short (PEP 475): noticed within 0.1 s
     finally:
         for slot in slots:  # each drains its in-flight requests, then exits
             if slot.process.is_alive() and slot.process.pid is not None:
@@ -313,4 +316,4 @@ def run_workers(
         guard.close()
     if failed:
         return 1
-    return stop_status(stops[0]) if stops and not slots else 0
+    return stop_status(received[0]) if received and not slots else 0
