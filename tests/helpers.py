@@ -128,10 +128,11 @@ def run_cli(
 
 
 def run_cli_into_a_closed_pipe(
-    *args: str | os.PathLike[str], timeout: float = 120
+    *args: str | os.PathLike[str], timeout: float = 120, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run `python ARGS...` with stdout a pipe whose reader has gone, as in `... | head -1`
-    once head has its line: every write to stdout fails (EPIPE). stderr is captured."""
+    once head has its line: every write to stdout fails (EPIPE). stderr is captured. `env`:
+    variables added to the environment."""
     command = [sys.executable, *map(str, args)]
     read_end, write_end = os.pipe()
     os.close(read_end)
@@ -139,7 +140,7 @@ def run_cli_into_a_closed_pipe(
         process = subprocess.Popen(
             command,
             cwd=ROOT,
-            env=cli_env(),
+            env=cli_env(**env),
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,

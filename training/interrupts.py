@@ -5,19 +5,19 @@
   torch's C++ ('terminate called after throwing an instance of pybind11::error_already_set').
   So each command (training.run, .evaluate, .export, python -m app) imports its heavy modules
   inside `stops_held()` and exits with `stop_status` when a stop arrived meanwhile.
-- A reader of its output that goes away (`| head`): `exit_status` and `StdoutHandler`.
+- A reader of its output that goes away (`| head`): `exit_status`.
 
 This module imports only the standard library.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TextIO
 
 
 @contextmanager
@@ -47,36 +47,45 @@ def stop_status(signum: int) -> int:
     return 128 + signum
 
 
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null: its reader is gone, and Python's flush at exit would fail
-    again, with another traceback."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+class _StdoutOutlivingItsReader:
+    """sys.stdout, except that once its reader has gone away (`| head -1`), what is written
+    is dropped instead of raising BrokenPipeError."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Point the file descriptor at /dev/null: what is still buffered, and what comes
+        later, goes there (Python's own flush at exit included)."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
 
 
 def exit_status(main: Callable[[], int]) -> int:
-    """`main()`'s exit status; when its output's reader went away (`| head -1`), 141, as a
-    shell reports a process that SIGPIPE ended, where a BrokenPipeError traceback was printed.
-    Files a command writes are written before its report is printed, so none is lost."""
-    try:
-        status = main()
-        sys.stdout.flush()  # the last buffered lines, while the error can still be caught
-    except BrokenPipeError:
-        _drop_stdout()
-        return 128 + signal.SIGPIPE
+    """`main()`'s exit status, run with a stdout that outlives its reader: when the reader
+    goes away (`| head -1`), the command goes on to its end and its later output is dropped.
+    The first print after that used to raise BrokenPipeError: a traceback, and an export left
+    uninstalled, an output file unwritten, a failure's status lost."""
+    if sys.stdout is not None:  # None: started with stdout closed (>&-); print then does nothing
+        sys.stdout = _StdoutOutlivingItsReader(sys.stdout)  # type: ignore[assignment]
+    status = main()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     return status
-
-
-class StdoutHandler(logging.StreamHandler):
-    """Log lines on stdout, for a long run: when the reader goes away (`| head`), the run goes
-    on and its lines are dropped, where each was a 'Logging error' traceback on stderr."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BrokenPipeError):
-            _drop_stdout()
-            return
-        super().handleError(record)

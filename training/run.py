@@ -17,7 +17,7 @@ from dataclasses import fields
 
 from training.cli_args import path_arg
 from training.errors import UserError
-from training.interrupts import StdoutHandler, exit_status, stop_status, stops_held
+from training.interrupts import exit_status, stop_status, stops_held
 from training.recipes import RECIPES, TrainConfig, make_config
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(message)s",
-        handlers=[StdoutHandler()],  # a reader that goes away (| head) does not stop the run
+        stream=sys.stdout,
     )
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "recipe"}
     explicit = {k for k, v in values.items() if v is not None} | (

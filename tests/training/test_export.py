@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_one_line_error,
     assert_per_class_column,
     run_cli,
+    run_cli_into_a_closed_pipe,
 )
 from training.artifact import (
     INDEX_NAME,
@@ -154,6 +155,23 @@ def test_export_and_evaluate_command_lines(
     correct = sum(by_name[n] == label for n, label in zip(names, labels, strict=True))
     assert report["accuracy"] == pytest.approx(correct / len(names) * 100)
     assert report["accuracy"] == pytest.approx(export["test"]["accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+def test_export_into_a_closed_pipe_installs_the_artifact(
+    seed_run: RunResult, image_tree: Path, tmp_path: Path, unbuffered: str
+) -> None:
+    """`... | head -1`: with PYTHONUNBUFFERED (set in the Docker image) the first progress line
+    raised BrokenPipeError inside the export, which was abandoned, nothing installed."""
+    out = tmp_path / "weights"
+    result = run_cli_into_a_closed_pipe(
+        "-m", "training.export", seed_run.last, "--out", out, "--data-dir", image_tree,
+        "--device", "cpu", PYTHONUNBUFFERED=unbuffered,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((out / INDEX_NAME).read_text())["export"]["test"]["images"] == 6
 
 
 def test_export_refuses_test_data_of_other_classes_before_writing_anything(
