@@ -7,7 +7,8 @@ import logging
 import os
 import unicodedata
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +94,42 @@ def fonts_for(texts: Iterable[str]) -> tuple[list[str], str]:
     was installed, and a warning for each character."""
     from matplotlib import font_manager, ft2font
 
-    def characters(path: str) -> set[int]:
-        return set(ft2font.FT2Font(path).get_charmap())
+    def drawn_with(family: str) -> str:
+        """The file matplotlib draws this family's regular text with: a family name may cover
+        several files (bold, or a system copy beside matplotlib's own), with other glyphs."""
+        props = font_manager.FontProperties(family=[family])
+        return font_manager.findfont(props, fallback_to_default=False)
 
-    default = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))
+    default = drawn_with("sans-serif")
     families = [ft2font.FT2Font(default).family_name]
     wanted = {ord(c) for text in texts for c in text if unicodedata.category(c)[0] not in "CZ"}
-    missing = wanted - characters(default)
-    for font in font_manager.fontManager.ttflist:
+    missing = wanted - set(ft2font.FT2Font(default).get_charmap())
+    for name in dict.fromkeys(font.name for font in font_manager.fontManager.ttflist):
         # Last Resort has a placeholder glyph for every code point: a box by another name.
-        if not missing or font.name in families or font.name.startswith("Last Resort"):
+        if not missing or name in families or name.startswith("Last Resort"):
             continue
         try:
-            found = missing & characters(font.fname)
-        except (OSError, RuntimeError):  # a font file that FreeType cannot read
+            found = missing & set(ft2font.FT2Font(drawn_with(name)).get_charmap())
+        except (OSError, RuntimeError, ValueError):  # unreadable, or not found after all
             continue
         if found:
-            families.append(font.name)
+            families.append(name)
             missing -= found
     return families, "".join(map(chr, sorted(missing)))
+
+
+@contextmanager
+def _quiet_font_lookups() -> Iterator[None]:
+    """matplotlib logs each family without a regular weight as it looks at it ("findfont:
+    Failed to find font weight normal for DejaVu Sans Condensed, now using 380") and takes the
+    nearest weight, which is all a class name needs."""
+    lookups = logging.getLogger("matplotlib.font_manager")
+    level = lookups.level
+    lookups.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lookups.setLevel(level)
 
 
 def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
@@ -120,20 +138,21 @@ def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families, absent = fonts_for([*classes, title])
-    if absent:
-        log.warning(
-            "%s: no installed font has the characters %s, drawn as boxes in the class names "
-            "(a font for their script, e.g. Noto Sans CJK, would draw them)",
-            path.name,
-            " ".join(absent),
-        )
-    with (
-        matplotlib.rc_context({"font.family": families}),
-        warnings.catch_warnings(),  # one warning above, not one per character
-    ):
-        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
-        _draw_confusion(plt, path, confusion, classes, title)
+    with _quiet_font_lookups():
+        families, absent = fonts_for([*classes, title])
+        if absent:
+            log.warning(
+                "%s: no installed font has the characters %s, drawn as boxes in the class "
+                "names (a font for their script, e.g. Noto Sans CJK, would draw them)",
+                path.name,
+                " ".join(absent),
+            )
+        with (
+            matplotlib.rc_context({"font.family": families}),
+            warnings.catch_warnings(),  # one warning above, not one per character
+        ):
+            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+            _draw_confusion(plt, path, confusion, classes, title)
 
 
 def _draw_confusion(

@@ -101,11 +101,25 @@ def test_class_names_fall_back_to_an_installed_font_that_has_their_characters(
     given DejaVu Sans alone: a name in another script was drawn as boxes."""
     families, absent = fonts_for(["cat", SCRIPT_LETTER])
     assert families[0] == "DejaVu Sans" and len(families) > 1 and absent == ""
+    _draw_without_missing_glyphs(f"cat {SCRIPT_LETTER}", families, tmp_path)
+
+
+def _draw_without_missing_glyphs(text: str, families: list[str], tmp_path: Path) -> None:
     with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
         warnings.simplefilter("error")  # "Glyph ... missing from font(s)" fails the test
         fig = matplotlib.figure.Figure()
-        fig.text(0.5, 0.5, f"cat {SCRIPT_LETTER}")
+        fig.text(0.5, 0.5, text)
         fig.savefig(tmp_path / "text.png")
+
+
+def test_characters_said_to_be_drawable_are_drawn(tmp_path: Path) -> None:
+    """A family name may cover several files with different glyphs (a bold or condensed
+    variant, a system copy beside matplotlib's own): the characters of the first file listed
+    under it were taken as the family's, and these two were then drawn as boxes, silently."""
+    text = "\u037f\ua698"  # GREEK CAPITAL LETTER YOT, CYRILLIC CAPITAL LETTER DOUBLE O
+    families, absent = fonts_for([text])
+    drawable = "".join(c for c in text if c not in absent)
+    _draw_without_missing_glyphs(drawable, families, tmp_path)
 
 
 def test_characters_that_no_font_has_are_one_warning(
