@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         description='Print one JSON line per file: its prediction, or an "error" (the server '
         "refused the file, or it could not be read).",
         epilog="exit status: 0 when every file got a prediction, 1 when some file did not, "
-        "2 when the command could not run (bad arguments, no server)",
+        "2 when the command could not run (bad arguments, no server), 130 on Ctrl-C",
         parents=[common],
     )
     p_predict.add_argument("images", nargs="+", type=path_arg)
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate",
         help="accuracy of the served model over HTTP",
         epilog="exit status: 0 when every test image got a prediction, 1 when some did not "
-        "(counted as wrong), 2 when the command could not run (bad arguments, no server)",
+        "(counted as wrong), 2 when the command could not run (bad arguments, no server), 130 "
+        "on Ctrl-C",
         parents=[common],
     )
     p_eval.add_argument("--data-dir", type=path_arg, required=True, help="DIR/test/<class>/<image>")
