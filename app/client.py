@@ -333,12 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: asyncio has cancelled the requests; no traceback
         return 130
-    unwritten = None  # written before the report is printed: a reader that goes away (| head)
-    if args.json_out:  # then loses none of it
-        try:
-            args.json_out.write_text(json.dumps(report, indent=1))
-        except OSError as exc:
-            unwritten = f"error: cannot write {args.json_out}: {exc.strerror or exc}"
     print(
         f"{report['images']} images over HTTP: {report['accuracy']:.2f}% top-1, "
         f"{report['errors']} errors, {report['requests_per_s']:.1f} requests/s "
@@ -358,9 +352,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"({report['disagreements']} of {report['compared']} images differ"
                 + (f"; {refused} not compared: refused, or unreadable here)" if refused else ")")
             )
-    if unwritten:  # after the report, which is then the only copy
-        print(unwritten, file=sys.stderr)
-        return 2
+    if args.json_out:
+        try:
+            args.json_out.write_text(json.dumps(report, indent=1))
+        except OSError as exc:
+            print(f"error: cannot write {args.json_out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     if report["errors"]:
         example = next(iter(report["error_examples"].items()))
         print(

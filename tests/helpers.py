@@ -104,27 +104,31 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str | os.PathLike[str], timeout: float = 120, env: dict[str, str] | None = None
+    *args: str | os.PathLike[str],
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    stdout: int = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python ARGS...` from the repository root; text output captured. On a timeout the
-    whole process group goes (torchrun's workers too), then the timeout is raised."""
+    """Run `python ARGS...` from the repository root; text output captured (stdout: unless
+    `stdout` names another file descriptor). On a timeout the whole process group goes
+    (torchrun's workers too), then the timeout is raised."""
     command = [sys.executable, *map(str, args)]
     with subprocess.Popen(
         command,
         cwd=ROOT,
         env=env or cli_env(),
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     ) as process:
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
+            out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             raise
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(command, process.returncode, out or "", err)
 
 
 def run_cli_into_a_closed_pipe(
@@ -133,29 +137,12 @@ def run_cli_into_a_closed_pipe(
     """Run `python ARGS...` with stdout a pipe whose reader has gone, as in `... | head -1`
     once head has its line: every write to stdout fails (EPIPE). stderr is captured. `env`:
     variables added to the environment."""
-    command = [sys.executable, *map(str, args)]
     read_end, write_end = os.pipe()
-    os.close(read_end)
+    os.close(read_end)  # no reader left: the writer's end may stay open here meanwhile
     try:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=cli_env(**env),
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        return run_cli(*args, timeout=timeout, env=cli_env(**env), stdout=write_end)
     finally:
         os.close(write_end)
-    with process:
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
 
 
 def tiny_config(recipe: str, data_dir: Path, out_dir: Path, **overrides: Any) -> TrainConfig:

@@ -78,14 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: no traceback
         return 130
-    unwritten = None  # written before the report is printed: a reader that goes away (| head)
-    if args.predictions_out:  # then loses none of it
-        try:
-            args.predictions_out.write_text(
-                json.dumps(dict(zip(names, predictions.tolist(), strict=True)))
-            )
-        except OSError as exc:
-            unwritten = f"error: cannot write {args.predictions_out}: {exc.strerror}"
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -93,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.precision}, {device}, {report['images_per_s']:.0f} img/s)")  # fmt: skip
         for line in per_class_lines(report["per_class"]):
             print(line)
-    if unwritten:  # after the report, which is then the only copy
-        print(unwritten, file=sys.stderr)
-        return 2
+    if args.predictions_out:
+        try:
+            args.predictions_out.write_text(
+                json.dumps(dict(zip(names, predictions.tolist(), strict=True)))
+            )
+        except OSError as exc:
+            print(f"error: cannot write {args.predictions_out}: {exc.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -278,9 +278,9 @@ def test_cli_evaluate_writes_its_json_report(
 def test_cli_into_a_closed_pipe_ends_quietly_with_its_report_written(
     server: Server, test_tree: Path, tmp_path: Path
 ) -> None:
-    """`predict ... | head -1` printed a BrokenPipeError traceback; `evaluate --json-out`
-    wrote its report after printing it, so a closed pipe lost it. Both now run to their end,
-    their output dropped, with the status that says how it went."""
+    """`predict ... | head -1` printed a BrokenPipeError traceback; so did `evaluate`, before
+    writing --json-out. Both now run to their end, their output dropped, with the status that
+    says how it went."""
     images = [tmp_path / f"{k}.jpg" for k in range(2)] + [tmp_path / "notes.txt"]
     for k, image in enumerate(images):
         image.write_bytes(jpeg(seed=k) if image.suffix == ".jpg" else b"not an image")
@@ -304,8 +304,8 @@ def test_cli_evaluate_prints_its_report_when_the_json_report_cannot_be_written(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Written before the report is printed; when that fails (a full disk), the printed
-    report is the only copy, so it is still printed, then the error."""
+    """When writing the JSON report fails (a full disk), the printed report is the only
+    copy: it is printed all the same, then the error."""
 
     def full_disk(self: Path, *args: object, **kwargs: object) -> int:
         raise OSError(28, "No space left on device")

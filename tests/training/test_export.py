@@ -312,8 +312,8 @@ def test_evaluate_prints_the_per_class_accuracies_in_one_column(
 def test_evaluate_prints_its_report_when_the_predictions_cannot_be_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The file is written before the report is printed (a closed pipe then loses neither);
-    when writing it fails (a full disk), the report is still printed, then the error."""
+    """When writing the predictions fails (a full disk), the report is printed all the same,
+    then the error."""
     from training import evaluate
 
     per_class = {"a": 100.0, "b": 0.0}
