@@ -1,6 +1,7 @@
-"""Ctrl-C in a command's first seconds, or while the client waits on the server, and a reader
-of its output that goes away (`| head -1`): a quiet exit with the shell's status for it (130,
-141), never a traceback. (training.run: tests/training/test_cli.py.)
+"""Ctrl-C in a command's first seconds, or while the client waits on the server: a quiet exit
+with the shell's status for it (130), never a traceback; and a reader of its output that goes
+away (`| head -1`): the command runs to its end with its own status. (Ctrl-C in training.run:
+tests/training/test_cli.py.)
 """
 
 from __future__ import annotations

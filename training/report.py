@@ -100,7 +100,8 @@ def fonts_for(texts: Iterable[str]) -> tuple[list[str], str]:
         props = font_manager.FontProperties(family=[family])
         return font_manager.findfont(props, fallback_to_default=False)
 
-    default = drawn_with("sans-serif")
+    # With fallback: a matplotlibrc may list only sans-serif fonts that are not installed.
+    default = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))
     families = [ft2font.FT2Font(default).family_name]
     wanted = {ord(c) for text in texts for c in text if unicodedata.category(c)[0] not in "CZ"}
     missing = wanted - set(ft2font.FT2Font(default).get_charmap())

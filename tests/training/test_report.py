@@ -137,3 +137,15 @@ def test_characters_that_no_font_has_are_one_warning(
     (record,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "confusion.png" in record.message and "犬 猫" in record.message
     assert (tmp_path / "confusion.png").exists()
+
+
+def test_a_matplotlibrc_naming_fonts_not_installed_still_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """font.sans-serif listing only absent fonts made fonts_for raise, ending the run before
+    summary.json and confusion.png."""
+    monkeypatch.setitem(matplotlib.rcParams, "font.sans-serif", ["NoSuchFont"])
+    families, absent = fonts_for(["cat"])
+    assert families and absent == ""
+    plot_confusion(tmp_path / "confusion.png", [[1, 0], [0, 1]], ["cat", "dog"], "test")
+    assert (tmp_path / "confusion.png").exists()
