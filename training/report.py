@@ -100,18 +100,31 @@ def fonts_for(texts: Iterable[str]) -> tuple[list[str], str]:
         props = font_manager.FontProperties(family=[family])
         return font_manager.findfont(props, fallback_to_default=False)
 
+    def characters(path: str) -> set[int]:
+        try:
+            return set(ft2font.FT2Font(path).get_charmap())
+        except (OSError, RuntimeError):  # a file FreeType cannot read
+            return set()
+
     # With fallback: a matplotlibrc may list only sans-serif fonts that are not installed.
     default = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))
     families = [ft2font.FT2Font(default).family_name]
     wanted = {ord(c) for text in texts for c in text if unicodedata.category(c)[0] not in "CZ"}
-    missing = wanted - set(ft2font.FT2Font(default).get_charmap())
-    for name in dict.fromkeys(font.name for font in font_manager.fontManager.ttflist):
+    missing = wanted - characters(default)
+    files: dict[str, list[str]] = {}
+    for font in font_manager.fontManager.ttflist:
+        files.setdefault(font.name, []).append(font.fname)
+    for name, paths in files.items():
         # Last Resort has a placeholder glyph for every code point: a box by another name.
         if not missing or name in families or name.startswith("Last Resort"):
             continue
+        # findfont scores every installed font: only for a family some file of which has a
+        # missing character (the file it resolves to is one of them).
+        if not any(missing & characters(path) for path in paths):
+            continue
         try:
-            found = missing & set(ft2font.FT2Font(drawn_with(name)).get_charmap())
-        except (OSError, RuntimeError, ValueError):  # unreadable, or not found after all
+            found = missing & characters(drawn_with(name))
+        except ValueError:  # not found after all
             continue
         if found:
             families.append(name)
