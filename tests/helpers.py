@@ -108,17 +108,18 @@ def run_cli(
     timeout: float = 120,
     env: dict[str, str] | None = None,
     stdout: int = subprocess.PIPE,
+    stderr: int = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python ARGS...` from the repository root; text output captured (stdout: unless
-    `stdout` names another file descriptor). On a timeout the whole process group goes
-    (torchrun's workers too), then the timeout is raised."""
+    """Run `python ARGS...` from the repository root; text output captured (stdout and
+    stderr: unless `stdout`/`stderr` name another file descriptor). On a timeout the whole
+    process group goes (torchrun's workers too), then the timeout is raised."""
     command = [sys.executable, *map(str, args)]
     with subprocess.Popen(
         command,
         cwd=ROOT,
         env=env or cli_env(),
         stdout=stdout,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         start_new_session=True,
     ) as process:
@@ -128,19 +129,26 @@ def run_cli(
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             raise
-    return subprocess.CompletedProcess(command, process.returncode, out or "", err)
+    return subprocess.CompletedProcess(command, process.returncode, out or "", err or "")
 
 
 def run_cli_into_a_closed_pipe(
-    *args: str | os.PathLike[str], timeout: float = 120, **env: str
+    *args: str | os.PathLike[str], timeout: float = 120, stderr_too: bool = False, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run `python ARGS...` with stdout a pipe whose reader has gone, as in `... | head -1`
-    once head has its line: every write to stdout fails (EPIPE). stderr is captured. `env`:
-    variables added to the environment."""
+    once head has its line: every write to stdout fails (EPIPE). stderr is captured, or with
+    `stderr_too` goes into the same pipe (`2>&1 | head -1`). `env`: variables added to the
+    environment."""
     read_end, write_end = os.pipe()
     os.close(read_end)  # no reader left: the writer's end may stay open here meanwhile
     try:
-        return run_cli(*args, timeout=timeout, env=cli_env(**env), stdout=write_end)
+        return run_cli(
+            *args,
+            timeout=timeout,
+            env=cli_env(**env),
+            stdout=write_end,
+            stderr=write_end if stderr_too else subprocess.PIPE,
+        )
     finally:
         os.close(write_end)
 

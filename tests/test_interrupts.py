@@ -181,6 +181,27 @@ def test_a_training_run_into_a_closed_pipe_goes_on_quietly(
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [
+        (["training.run", "--epochs", "0"], 2),
+        (["training.run", "--no-such-flag"], 2),  # argparse's own error
+        (["training.evaluate", "missing.pt"], 2),
+        (["training.export", "missing.pt", "--out", "w"], 2),
+    ],
+    ids=["run-bad-value", "run-bad-flag", "evaluate", "export"],
+)
+def test_an_error_into_a_closed_pipe_keeps_its_status(
+    tmp_path: Path, args: list[str], status: int
+) -> None:
+    """`2>&1 | head -1`: the error message, on stderr, raised BrokenPipeError once the
+    reader had gone, and the command ended with 1 (an uncaught exception) instead of its
+    own status."""
+    paths = [str(tmp_path / a) if a.startswith(("missing", "w")) else a for a in args]
+    result = run_cli_into_a_closed_pipe("-m", *paths, stderr_too=True)
+    assert result.returncode == status
+
+
 def test_a_command_started_with_stdout_closed_runs(tmp_path: Path) -> None:
     """`... >&-` (sys.stdout is None): the closed-pipe handling once flushed it at the end,
     an AttributeError traceback after the command had run."""

@@ -5,7 +5,7 @@
   torch's C++ ('terminate called after throwing an instance of pybind11::error_already_set').
   So each command (training.run, .evaluate, .export, python -m app) imports its heavy modules
   inside `stops_held()` and exits with `stop_status` when a stop arrived meanwhile.
-- A reader of its output that goes away (`| head`): `exit_status`.
+- A reader of its output that goes away (`| head`, `2>&1 | head`): `exit_status`.
 
 This module imports only the standard library.
 """
@@ -47,9 +47,9 @@ def stop_status(signum: int) -> int:
     return 128 + signum
 
 
-class _StdoutOutlivingItsReader:
-    """sys.stdout, except that once its reader has gone away (`| head -1`), what is written
-    is dropped instead of raising BrokenPipeError."""
+class _StreamOutlivingItsReader:
+    """sys.stdout or sys.stderr, except that once its reader has gone away (`| head -1`), what
+    is written is dropped instead of raising BrokenPipeError."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -79,13 +79,18 @@ class _StdoutOutlivingItsReader:
 
 
 def exit_status(main: Callable[[], int]) -> int:
-    """`main()`'s exit status, run with a stdout that outlives its reader: when the reader
-    goes away (`| head -1`), the command goes on to its end and its later output is dropped.
-    The first print after that used to raise BrokenPipeError: a traceback, and an export left
-    uninstalled, an output file unwritten, a failure's status lost."""
-    if sys.stdout is not None:  # None: started with stdout closed (>&-); print then does nothing
-        sys.stdout = _StdoutOutlivingItsReader(sys.stdout)  # type: ignore[assignment]
-    status = main()
+    """`main()`'s exit status, run with a stdout and stderr that outlive their reader: when the
+    reader goes away (`| head -1`, `2>&1 | head -1`), the command goes on to its end and its
+    later output is dropped. The first print after that used to raise BrokenPipeError: a
+    traceback, and an export left uninstalled, an output file unwritten, a failure's status
+    lost (an error message on stderr turned status 2 into 1)."""
+    # None: started with the stream closed (>&-); print then does nothing.
     if sys.stdout is not None:
-        sys.stdout.flush()
+        sys.stdout = _StreamOutlivingItsReader(sys.stdout)  # type: ignore[assignment]
+    if sys.stderr is not None:
+        sys.stderr = _StreamOutlivingItsReader(sys.stderr)  # type: ignore[assignment]
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
     return status
