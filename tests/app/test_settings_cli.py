@@ -394,3 +394,65 @@ def test_app_from_env_serves_what_the_app_variables_say(
         wait_ready(client)
         assert client.get("/health").status_code == 200
         assert client.app.state.serving.settings.max_batch_size == 3  # type: ignore[attr-defined]
+
+
+# ---- a stop before uvicorn takes over its signals ---------------------------------------------
+
+
+@pytest.fixture
+def cli_up_to_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """`main` with its model load, logging set-up and signal handlers stubbed out (this is
+    pytest's process), a stop already noted, and `create_app` and `uvicorn.run` recording
+    their calls in the list given."""
+    import signal
+
+    import app.main
+    import app.predictor
+    from app import cli, workers
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the workers path sets variables
+    monkeypatch.setattr(app.predictor, "load_predictor", lambda *args: "predictor")
+    monkeypatch.setattr(app.main, "configure_logging", lambda level: None)
+
+    def create_app(settings: Settings, predictor: str) -> str:
+        calls.append(("create_app", {}))
+        return "app"
+
+    monkeypatch.setattr(app.main, "create_app", create_app)
+    monkeypatch.setattr(workers, "note_stops", lambda: [signal.SIGTERM])
+    monkeypatch.setattr(cli.uvicorn, "run", lambda target, **kwargs: calls.append((target, kwargs)))
+    return calls
+
+
+def test_a_stop_before_uvicorns_own_supervisor_ends_the_service(
+    cli_up_to_uvicorn: list[tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where SO_REUSEPORT is missing, `--workers N` runs uvicorn's supervisor, which would
+    never see a SIGTERM that came while the model loaded: the service started anyway."""
+    from app import workers
+
+    monkeypatch.setattr(workers, "supported", lambda: False)
+    assert main(["--checkpoint", "weights", "--workers", "2"]) == 143
+    assert cli_up_to_uvicorn == []
+
+
+def test_one_process_serves_the_app_built_before_uvicorn_unless_stopped(
+    cli_up_to_uvicorn: list[tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app is built before uvicorn starts (an error in it keeps its traceback: uvicorn
+    reports one raised inside a factory in a line); the factory uvicorn calls once its signal
+    handlers are in place gives it, or ends the process for a stop noted before them."""
+    from app import workers
+
+    assert main(["--checkpoint", "weights"]) == 0
+    (built, _), (factory, kwargs) = cli_up_to_uvicorn
+    assert built == "create_app" and kwargs["factory"] is True
+    with pytest.raises(SystemExit) as stopped:
+        factory()
+    assert stopped.value.code == 143
+    monkeypatch.setattr(workers, "note_stops", list)  # no stop this time
+    cli_up_to_uvicorn.clear()
+    assert main(["--checkpoint", "weights"]) == 0
+    _, (factory, _) = cli_up_to_uvicorn
+    assert factory() == "app"

@@ -122,6 +122,21 @@ def test_characters_said_to_be_drawable_are_drawn(tmp_path: Path) -> None:
     _draw_without_missing_glyphs(drawable, families, tmp_path)
 
 
+def test_font_lookups_log_nothing_while_drawing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fallback family without a regular weight made matplotlib log a warning at each lookup
+    ("findfont: Failed to find font weight normal for DejaVu Serif Condensed, now using 380"),
+    in the log of every run whose class names needed it."""
+    # matplotlib caches lookups, and logs only when it looks: an earlier test would hide it.
+    font_manager.FontManager._findfont_cached.cache_clear()
+    # Ꚙ is in DejaVu Serif Condensed (regular weight 380) where fonts-dejavu-extra is installed.
+    classes = ["\u037f", "\ua698"]
+    plot_confusion(tmp_path / "confusion.png", [[1, 0], [0, 1]], classes, "test")
+    assert [r.message for r in caplog.records if "findfont" in r.message] == []
+    assert (tmp_path / "confusion.png").exists()
+
+
 def test_characters_that_no_font_has_are_one_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
