@@ -189,36 +189,52 @@ class _Slot:
     restart_at: float | None = None  # time.monotonic() of the next start, once process exited
 
 
+def _ended(code: int | None) -> str:
+    """How a worker's process ended, for the log: its exit status, or the signal behind it."""
+    try:
+        if code is not None and code < 0:
+            return f"was killed by {signal.Signals(-code).name}"  # SIGKILL: maybe out of memory
+        if code in [stop_status(s) for s in STOP_SIGNALS]:  # its own handlers' exit
+            return f"was stopped by {signal.Signals(code - 128).name} (exit code {code})"
+    except ValueError:  # a signal without a name here
+        pass
+    return f"exited with code {code}"
+
+
 def _restart_delay(slot: _Slot, code: int | None, ready: bool) -> float | None:
     """Seconds before the slot's next process starts, after one that exited with `code`;
     None to stop the service (the restart policy above)."""
+    ended = _ended(code)
     if ready:
         slot.served, slot.failures = True, 0
-        log.warning("worker %d exited with code %s; starting another", slot.index, code)
+        log.warning("worker %d %s; starting another", slot.index, ended)
         return 0.0
     if not slot.served:
-        log.error(
-            "worker %d exited with code %s before it was ready, at startup; stopping, as the "
-            "next would fail the same way (see the error above, or check free memory)",
-            slot.index,
-            code,
-        )
+        if code in [stop_status(s) for s in STOP_SIGNALS]:
+            # A stop sent to this worker alone (the service's own goes through the supervisor):
+            # the service did not start whole, and no failure of its own says the next would
+            # fail too.
+            log.error("worker %d %s before it was ready, at startup; stopping", slot.index, ended)
+        else:
+            log.error(
+                "worker %d %s before it was ready, at startup; stopping, as the next would fail "
+                "the same way (see the error above, or check free memory)",
+                slot.index,
+                ended,
+            )
         return None
     slot.failures += 1
     if slot.failures >= MAX_FAILED_RESTARTS:
         log.error(
-            "worker %d exited with code %s before it was ready, %d times in a row; stopping",
+            "worker %d %s before it was ready, %d times in a row; stopping",
             slot.index,
-            code,
+            ended,
             slot.failures,
         )
         return None
     delay = FIRST_RESTART_DELAY_S * 2 ** (slot.failures - 1)
     log.warning(
-        "worker %d exited with code %s before it was ready; starting another in %g s",
-        slot.index,
-        code,
-        delay,
+        "worker %d %s before it was ready; starting another in %g s", slot.index, ended, delay
     )
     return delay
 

@@ -325,6 +325,36 @@ def test_restart_policy() -> None:
     assert delays == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (1, "worker 0 exited with code 1 before it was ready, at startup; stopping, as the next "
+            "would fail the same way"),
+        (-9, "worker 0 was killed by SIGKILL before it was ready, at startup; stopping, as the "
+             "next would fail the same way (see the error above, or check free memory)"),
+        (143, "worker 0 was stopped by SIGTERM (exit code 143) before it was ready, at startup; "
+              "stopping"),
+        (130, "worker 0 was stopped by SIGINT (exit code 130) before it was ready, at startup; "
+              "stopping"),
+    ],
+)  # fmt: skip
+def test_the_log_says_how_a_worker_ended(
+    code: int, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker stopped by a signal sent to it alone was said to have failed in a way the
+    next would repeat."""
+    at_startup = workers._Slot(0, process=None, ready=None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="app.workers"):
+        assert workers._restart_delay(at_startup, code, ready=False) is None
+    (message,) = caplog.messages
+    assert message.startswith(said)
+    assert message == said or code in (1, -9)
+    caplog.clear()
+    served = workers._Slot(0, process=None, ready=None, served=True)  # type: ignore[arg-type]
+    workers._restart_delay(served, code, ready=True)
+    assert caplog.messages == [f"{said.split(' before')[0]}; starting another"]
+
+
 @pytest.mark.slow
 def test_workers_that_fail_at_start_stop_the_server_instead_of_restarting_forever(
     artifact: Path, monkeypatch: pytest.MonkeyPatch
@@ -403,7 +433,8 @@ def test_ctrl_c_in_a_worker_during_its_start_up_is_no_traceback(
     assert "Traceback" not in result.stderr
     # A worker that does not start stops the service (the restart policy), saying why.
     assert result.returncode == 1, result.stderr
-    assert "exited with code 130 before it was ready" in result.stderr
+    assert "was stopped by SIGINT (exit code 130) before it was ready" in result.stderr
+    assert "would fail the same way" not in result.stderr  # said once for any exit at startup
 
 
 @pytest.mark.slow
