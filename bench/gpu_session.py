@@ -9,9 +9,11 @@ In order of importance, skipping optional steps once --budget-s is spent:
 3. only if a `fast` run met its target: export of the best such run (chosen on validation
    accuracy) to OUT/weights (int8 artifact: model.json and shards), with its test accuracy;
 4. bench.profile_step at batch 64 (where recipe seed's step time goes), on CUDA;
-5. each of --seed-variants (other `seed` flag sets, e.g. other --seed values: how far the
+5. bench.bn_modes on the `seed` run's final weights: its accuracy with BatchNorm's running
+   statistics (ours), batch statistics (the notebook's), and running statistics recomputed;
+6. each of --seed-variants (other `seed` flag sets, e.g. other --seed values: how far the
    notebook's final-epoch accuracy swings);
-6. bench.train_speed: the notebook's pipeline against ours (table);
+7. bench.train_speed: the notebook's pipeline against ours (table);
 OUT/results.tgz (replaced whole after every step, and on SIGTERM): logs, summaries, metrics and
 figures of every run (the exported run's curves.png and confusion.png among them, so OUT stays
 within the device tool's 8 returned files), and logs/session.txt: what the session decided
@@ -267,6 +269,13 @@ def main() -> int:
         # make 40 s, and the published profile is of batch 256.
         run([sys.executable, "-m", "bench.profile_step", "--batches", "64"],
             logs / "profile_step.txt")  # fmt: skip
+        pack()
+    if seed is not None and time_left() > 30:
+        # How much of seed's shortfall at its final epoch is BatchNorm's running statistics
+        # lagging the weights (the notebook measured with batch statistics): seconds, not a run.
+        run([sys.executable, "-m", "bench.bn_modes", str(work / "runs" / "seed" / "last.pt"),
+             "--data-dir", str(data), "--device", args.device,
+             "--json-out", str(logs / "bn_modes.json")], logs / "bn_modes.txt")  # fmt: skip
         pack()
     variants("seed", args.seed_variants, seed["train_seconds"] + 20 if seed else 75)
     if not args.skip_bench and time_left() > 45:
