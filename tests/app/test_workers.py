@@ -199,8 +199,8 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
         assert not _children(process.pid)
     text = log.read_text()
     assert "Traceback" not in text
-    assert "exited with code -9; starting another" in text
-    assert "exited with code -9 before it was ready; starting another in 1 s" in text
+    assert "was killed by SIGKILL; starting another" in text
+    assert "was killed by SIGKILL before it was ready; starting another in 1 s" in text
 
 
 def _running(pid: int) -> bool:
