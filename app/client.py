@@ -13,9 +13,10 @@ python -m app.client evaluate --url http://127.0.0.1:8000 --data-dir DIR
     the server and the offline evaluation disagree.
 
 Exit status of `predict`: 0 when every file got a prediction, 1 when some file did not (its
-line has an "error": the server refused it, or it could not be read), 2 when the command could
-not run (bad arguments, no server). Of `evaluate`: the same, 1 when some test image got no
-prediction (counted as wrong in the accuracy, and not compared with the offline predictions).
+line has an "error": the server refused it, it could not be read, or no answer came), 2 when
+the command could not run (bad arguments, no server). Of `evaluate`: the same, 1 when some
+test image got no prediction (counted as wrong in the accuracy, and not compared with the
+offline predictions).
 """
 
 from __future__ import annotations
@@ -56,7 +57,17 @@ class UnreadableFile(Exception):
         self.path, self.reason = path, reason
 
 
-Failure = APIError | UnreadableFile  # what predict_many gives for a file instead of a prediction
+class TransferFailed(Exception):
+    """A file whose request got no answer (the connection failed or timed out); `path` and
+    the httpx `error`."""
+
+    def __init__(self, path: Path, error: httpx.TransportError) -> None:
+        super().__init__(f"no answer for {path}: {str(error) or type(error).__name__}")
+        self.path, self.error = path, error
+
+
+# What predict_many gives for a file instead of a prediction.
+Failure = APIError | UnreadableFile | TransferFailed
 
 
 def _read(path: Path) -> bytes:
@@ -123,7 +134,8 @@ class Client:
         self, paths: Sequence[str | Path], top_k: int = 5, concurrency: int = 16
     ) -> list[dict[str, Any] | Failure]:
         """One result per path, in order: a prediction, or the APIError (the server refused the
-        file) or UnreadableFile (it was not sent) for that file."""
+        file), UnreadableFile (it was not sent) or TransferFailed (no answer came) for that
+        file. httpx.TransportError when no file got an answer: the server cannot be reached."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         return asyncio.run(self._predict_many([Path(p) for p in paths], top_k, concurrency))
@@ -144,20 +156,30 @@ class Client:
                         data = await asyncio.to_thread(_read, path)
                     except UnreadableFile as exc:
                         return exc
-                    for attempt in range(5):
-                        response = await c.post(
-                            "/predict", params={"top_k": top_k}, files={"file": (path.name, data)}
-                        )
-                        if response.status_code != 503 or attempt == 4:
-                            break
-                        # Busy: honour Retry-After, as a well-behaved client should.
-                        await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                    try:
+                        for attempt in range(5):
+                            response = await c.post(
+                                "/predict",
+                                params={"top_k": top_k},
+                                files={"file": (path.name, data)},
+                            )
+                            if response.status_code != 503 or attempt == 4:
+                                break
+                            # Busy: honour Retry-After, as a well-behaved client should.
+                            await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+                    except httpx.TransportError as exc:
+                        # This file's alone: one failed transfer used to abort all the others.
+                        return TransferFailed(path, exc)
                     try:
                         return _raise_for_error(response)
                     except APIError as exc:
                         return exc
 
-            return await asyncio.gather(*(one(p) for p in paths))
+            results = await asyncio.gather(*(one(p) for p in paths))
+        failed = [r for r in results if isinstance(r, TransferFailed)]
+        if failed and not any(isinstance(r, dict | APIError) for r in results):
+            raise failed[0].error  # nothing answered: no server, not a bad file
+        return results
 
 
 PREDICTIONS_FORMAT = (
@@ -293,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict",
         help="classify image files",
         description='Print one JSON line per file: its prediction, or an "error" (the server '
-        "refused the file, or it could not be read).",
+        "refused the file, it could not be read, or no answer came).",
         epilog="exit status: 0 when every file got a prediction, 1 when some file did not, "
         "2 when the command could not run (bad arguments, no server), 130 on Ctrl-C",
         parents=[common],

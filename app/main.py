@@ -85,7 +85,10 @@ class BodyLimit:
         )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            response = _error(413, "too_large", detail, {"Connection": "close"})
+            # Not 'Connection: close': closing with the body unread makes the kernel reset the
+            # connection, and a client still sending loses this answer. uvicorn reads and drops
+            # the rest (bounded in time by protocol.GuardedHttpToolsProtocol).
+            response = _error(413, "too_large", detail)
             await response(scope, receive, send)
             return
         received = 0

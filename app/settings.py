@@ -66,7 +66,9 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
     )
     max_upload_bytes: int = setting(
-        10 * 1024 * 1024, "largest request body in bytes; larger: 413, refused unread", ge=1024
+        10 * 1024 * 1024,
+        "largest request body in bytes; larger: 413, the body never buffered",
+        ge=1024,
     )
     max_image_pixels: int = setting(
         25_000_000,

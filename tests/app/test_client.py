@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import app.client as client_module
-from app.client import APIError, Client, UnreadableFile, evaluate, main
+from app.client import APIError, Client, TransferFailed, UnreadableFile, evaluate, main
 from tests.app.images import jpeg
-from tests.app.support import CLASSES, Server, free_port
+from tests.app.support import CLASSES, MAX_UPLOAD, Server, free_port
 from tests.helpers import (
     LONG_CLASS_NAMES,
     SHORT_CLASS_NAMES,
@@ -161,6 +161,47 @@ def test_cli_predict_reports_each_unreadable_path_and_predicts_the_others(
     results = Client(server.url).predict_many([missing, good])  # the same from Python
     assert isinstance(results[0], UnreadableFile) and results[0].path == missing
     assert {"file": str(good), **results[1]} == lines[0]
+
+
+def test_cli_predict_reports_a_file_over_the_upload_limit_and_predicts_the_others(
+    server: Server, tmp_path: Path
+) -> None:
+    """The server refuses an oversized file from its Content-Length while the client still
+    sends it; the client used to see a reset connection, say the server could not be reached,
+    and drop every prediction."""
+    good = tmp_path / "a.jpg"
+    good.write_bytes(jpeg(seed=5))
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\0" * (40 * MAX_UPLOAD))  # 8 MB: still sending when refused
+    result = run_cli("-m", "app.client", "predict", good, big, good, "--url", server.url)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(p) for p in (good, big, good)]
+    assert lines[0]["label"] in CLASSES and lines[2] == lines[0]
+    assert lines[1]["error"].startswith("HTTP 413 too_large: "), lines[1]
+
+
+def test_a_file_without_an_answer_fails_alone(tmp_path: Path) -> None:
+    """A transfer that fails (reset, timeout) is that file's error; only when no file got an
+    answer is it the server that cannot be reached (the CLI's exit 2)."""
+    lost_too = False
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if lost_too or b'filename="lost.jpg"' in request.read():
+            raise httpx.ReadError("connection reset")
+        return httpx.Response(200, json={"class_id": 1})
+
+    paths = [tmp_path / name for name in ("a.jpg", "lost.jpg", "c.jpg")]
+    for path in paths:
+        path.write_bytes(jpeg(0))
+    client = Client("http://test", transport=httpx.MockTransport(handler))
+    results = client.predict_many(paths)
+    assert results[0] == results[2] == {"class_id": 1}
+    assert isinstance(results[1], TransferFailed) and results[1].path == paths[1]
+    assert str(results[1]) == f"no answer for {paths[1]}: connection reset"
+    lost_too = True
+    with pytest.raises(httpx.ReadError):
+        client.predict_many(paths)
 
 
 def test_cli_predict_exits_1_when_the_server_refuses_a_file(server: Server, tmp_path: Path) -> None:

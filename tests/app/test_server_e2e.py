@@ -6,6 +6,7 @@ limit, clients that vanish mid-request, and last, SIGTERM while requests are in 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -127,6 +128,26 @@ def test_a_streamed_upload_over_the_limit_is_refused(server: Server) -> None:
 
 
 JSON = {"content-type": "application/json"}
+
+
+def test_an_upload_over_the_limit_is_answered_to_a_client_still_sending(server: Server) -> None:
+    """Refused from its Content-Length while the client still sends the body: the client gets
+    the 413 (the rest is read and dropped), not a reset connection, and the same connection
+    then serves the next request. With 'Connection: close' the server closed with the body
+    unread; the kernel reset the connection, and httpx (as the CLI client uses it) raised
+    ReadError instead of showing the 413."""
+
+    async def over_then_under() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            over = images.upload(b"\0" * (40 * MAX_UPLOAD))  # 8 MB: still sending when refused
+            return [
+                await client.post("/predict", files=over),
+                await client.post("/predict", files=images.upload(images.png())),
+            ]
+
+    too_large, fine = asyncio.run(over_then_under())
+    assert_error(too_large, 413, "too_large")
+    assert fine.status_code == 200, fine.text
 
 
 def test_vanishing_clients_do_not_break_their_batch_mates(
