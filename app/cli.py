@@ -51,9 +51,32 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
+def blank_api_key_flag(args: list[str]) -> bool:
+    """Whether --api-key was given a blank value: `--api-key "$KEY"` with KEY unset would
+    otherwise serve with no key at all. (A blank APP_API_KEY stays 'no key': docker-compose.yml
+    passes an empty one when none is set.)"""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        value = args[i + 1] if arg == "--api-key" and i + 1 < len(args) else None
+        if arg.startswith("--api-key="):
+            value = arg.partition("=")[2]
+        if value is not None and not value.strip():
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if blank_api_key_flag(args):
+        print(
+            "error: --api-key is blank (an unset shell variable?); give the key, or leave the "
+            "flag out to serve without one",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+        settings = Settings(_cli_parse_args=args)
     except ValidationError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

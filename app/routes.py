@@ -67,8 +67,9 @@ async def require_api_key(
     expected = state.settings.api_key
     if expected is None:
         return
+    # Stripped as the key is (Settings): whitespace around a header value is not part of it.
     if key is None or not secrets.compare_digest(
-        key.encode(), expected.get_secret_value().encode()
+        key.strip().encode(), expected.get_secret_value().encode()
     ):
         raise APIError(
             401,

@@ -75,8 +75,10 @@ class ServingState:
             self.batcher.start()
             self.status, self.detail = "ok", None
             log.info(
-                "serving %s on %s (%s)",
+                "serving %s on %s (%s); %s",
                 Path(s.checkpoint).name, self.predictor.device, self.predictor.precision,
+                # Said every start: a key that was meant but came blank is seen here.
+                "predictions need X-API-Key" if s.api_key else "no API key (APP_API_KEY) needed",
             )  # fmt: skip
         except Exception as exc:  # reported by /health; the process stays up for probes
             log.error("model failed to load: %s", exc)

@@ -4,6 +4,7 @@ readiness (loading, failed), both checkpoint formats, and precision choice."""
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -250,6 +251,8 @@ def test_api_key_is_required_when_set(serve: ServeFactory, path: str) -> None:
     assert_error(client.post(path, files=files, headers={"X-API-Key": ""}), 401, "unauthorized")
     right = client.post(path, files=files, headers={"X-API-Key": API_KEY})
     assert right.status_code == 200, right.text
+    padded = client.post(path, files=files, headers={"X-API-Key": f" {API_KEY}\t"})
+    assert padded.status_code == 200, padded.text  # whitespace around is no part of the key
     for open_path in ("/health", "/model", "/metrics", "/openapi.json"):
         assert client.get(open_path).status_code == 200, open_path
 
@@ -259,6 +262,20 @@ def test_no_api_key_needed_when_none_is_set(serve: ServeFactory) -> None:
     assert post_image(client, images.png(7)).status_code == 200
     batch = client.post("/predict/batch", files=images.uploads(images.png(8)))
     assert batch.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [(API_KEY, "predictions need X-API-Key"), (" ", "no API key (APP_API_KEY) needed")],
+)
+def test_the_startup_log_says_whether_a_key_is_needed(
+    serve: ServeFactory, caplog: pytest.LogCaptureFixture, key: str, said: str
+) -> None:
+    """A key meant but blank (an empty APP_API_KEY is 'none') is seen in the log."""
+    with caplog.at_level(logging.INFO, logger="app"):
+        serve(api_key=key)
+    [line] = [m for m in caplog.messages if m.startswith("serving ")]
+    assert line.endswith(said), line
 
 
 # ---- readiness --------------------------------------------------------------------------------

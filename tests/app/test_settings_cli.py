@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
 from pydantic import SecretStr, ValidationError
 
 import app.settings
@@ -235,6 +236,15 @@ def test_an_invalid_flag_is_one_line(args: list[str], fragments: list[str]) -> N
 def test_an_invalid_environment_variable_is_one_line(name: str, value: str) -> None:
     result = run_cli("-m", "app", timeout=60, env=cli_env(**{name: value}))
     assert_one_line_error(result, name, value)
+
+
+@pytest.mark.parametrize("args", [["--api-key", ""], ["--api-key=  "], ["--api-key", "\n"]])
+def test_a_blank_api_key_flag_is_refused(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--api-key "$KEY"` with KEY unset would serve with no key at all."""
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("it served, with no key"))
+    expect_cli_error(args, capsys, "--api-key is blank", "leave the flag out")
 
 
 def test_an_unusable_api_key_is_one_line_that_does_not_echo_it() -> None:
