@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
+    if re.fullmatch(r"cuda(:\d+)?", spec):  # checked first: torch.device raises on 'cuda:x'
         if not torch.cuda.is_available():
             raise UserError(
                 f"device {spec!r} asked for, but CUDA is not available "
