@@ -276,6 +276,10 @@ def train(
     best.pt is lost: the best is then tracked again from the resumed epoch on.
     """
     hooks = hooks or TrainHooks()
+    if resume is not None and resume.is_symlink():
+        # A link to a run's last.pt (runs/latest.pt, say) stands for that run: its folder holds
+        # best.pt and the lock, and the next last.pt must replace the file, not the link.
+        resume = resume.resolve()
     dist_info, device = init_distributed(cfg.device)
     try:
         with ExitStack() as held:  # the run folder's lock, once taken

@@ -897,3 +897,17 @@ def test_a_batch_larger_than_the_training_split_is_a_clear_error(
     with pytest.raises(UserError, match="larger than the 18 training images"):
         train(tiny_config("seed", image_tree, run_dir, batch_size=64))
     assert not (run_dir / "last.pt").exists()
+
+
+def test_a_resume_through_a_link_to_last_pt_continues_the_run_in_its_folder(
+    image_tree: Path, run_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The link's folder used to be taken for the run's: best.pt was "missing" there."""
+    config = tiny_config("seed", image_tree, run_dir, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    link = tmp_path_factory.mktemp("elsewhere") / "latest.pt"
+    link.symlink_to(run_dir / "last.pt")
+    result = train(config, resume=link)
+    assert result.out_dir == run_dir and load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+    assert link.is_symlink() and sorted(p.name for p in link.parent.iterdir()) == ["latest.pt"]
