@@ -56,7 +56,9 @@ class Accuracy(BaseModel):
         description="top-1 on the test set, percent, of what is served (null: not measured)"
     )
     test_per_class: dict[str, float] | None
-    validation: float | None = Field(description="validation accuracy after the last epoch")
+    validation: float | None = Field(
+        description="validation accuracy of the served weights, after their epoch"
+    )
     best_validation: dict[str, Any] | None
     checkpoint_test: float | None = Field(
         description="the full-precision checkpoint's test accuracy"

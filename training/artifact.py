@@ -45,10 +45,10 @@ from training.metadata import (
     MetadataError,
     accuracy_report,
     class_names,
-    last_val_acc,
     model_config,
     non_finite,
     optional,
+    val_acc_at,
 )
 from training.model import ARCHITECTURE, AlexNet, fits_input
 from training.preprocess import Preprocessing
@@ -519,6 +519,7 @@ def _described(source: dict[str, Any], kind: str, checksum: str, path: Path) -> 
                 "network (227 does)"
             )
         best = optional(source, "best", dict) or {}
+        epoch = optional(source, "epoch", int)
         # What is served is an artifact's int8 weights: its accuracy is the one measured after
         # quantization, at export, or unknown (an export without test data); the checkpoint's
         # own figure is reported apart.
@@ -533,8 +534,8 @@ def _described(source: dict[str, Any], kind: str, checksum: str, path: Path) -> 
             "architecture": ARCHITECTURE,
             "model_args": dict(source["model"]["args"]),
             "recipe": optional(source, "recipe", str),
-            "epoch": optional(source, "epoch", int),
-            "validation_accuracy": _round(last_val_acc(source.get("metrics"))),
+            "epoch": epoch,
+            "validation_accuracy": _round(val_acc_at(source.get("metrics"), epoch)),
             "best_validation": best or None,
             "test_accuracy": _round(test.get("accuracy")),
             "test_per_class": test.get("per_class"),

@@ -100,15 +100,19 @@ def accuracy_report(report: Any, name: str) -> dict[str, Any]:
     return report
 
 
-def last_val_acc(metrics: Any) -> float | None:
-    """The last epoch's validation accuracy from a 'metrics' list, if any."""
+def val_acc_at(metrics: Any, epoch: int | None) -> float | None:
+    """The validation accuracy of the weights of `epoch` from a 'metrics' list, if any.
+
+    A best.pt carries the whole run's metrics, and the last epoch's accuracy is not that of
+    its weights; a file without per-epoch numbers (or not naming its epoch) gets the last."""
     if metrics is None or metrics == []:
         return None
-    if not isinstance(metrics, list) or not isinstance(metrics[-1], dict):
+    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
         raise MetadataError("'metrics' is not a list of per-epoch objects")
-    value = metrics[-1].get("val_acc")
+    index = next((i for i, m in enumerate(metrics) if m.get("epoch") == epoch), len(metrics) - 1)
+    value = metrics[index].get("val_acc")
     if value is not None and not is_number(value):
-        raise MetadataError(f"'metrics[-1].val_acc' is {_kind(value)}, not a number")
+        raise MetadataError(f"'metrics[{index}].val_acc' is {_kind(value)}, not a number")
     return value
 
 

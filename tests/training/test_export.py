@@ -88,6 +88,22 @@ def test_an_export_without_test_data_claims_no_test_accuracy(ckpt: dict, tmp_pat
     assert info["checkpoint_test_accuracy"] == round(ckpt["test"]["accuracy"], 2)
 
 
+def test_a_best_pt_reports_the_validation_accuracy_of_its_own_epoch(
+    ckpt: dict, tmp_path: Path
+) -> None:
+    """A best.pt holds epoch 2's weights and the whole run's metrics: the final epoch's 13.0
+    used to be reported as theirs."""
+    best = {**ckpt, "epoch": 2, "best": {"epoch": 2, "val_acc": 12.0}}
+    save_atomic(best, tmp_path / "best.pt")
+    export_artifact(best, tmp_path / "w")
+    for path in (tmp_path / "best.pt", tmp_path / "w"):
+        info = load_for_inference(path).info
+        assert (info["epoch"], info["validation_accuracy"]) == (2, 12.0), path
+    unnumbered = {**best, "metrics": [{"val_acc": 11.0}, {"val_acc": 14.0}]}
+    save_atomic(unnumbered, tmp_path / "unnumbered.pt")  # no epoch to match: the last one's
+    assert load_for_inference(tmp_path / "unnumbered.pt").info["validation_accuracy"] == 14.0
+
+
 def test_a_new_export_replaces_the_shards_and_keeps_the_model_card(
     ckpt: dict, tmp_path: Path
 ) -> None:
