@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.artifact import load_for_inference
         from training.data import load_test_split
         from training.engine import evaluate_model
-        from training.report import per_class_lines
+        from training.report import per_class_lines, write_text_atomic
         from training.runtime import resolve_device
     if stops:
         return stop_status(stops[0])
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.predictions_out is not None:
             # Checked now: the evaluation may take minutes, and its report must not be lost.
             check_output_file("--predictions-out", args.predictions_out)
+            _refuse_writing_over_the_model(args.predictions_out, args.model)
         device = resolve_device(args.device)  # first: a missing GPU, before minutes of decoding
         loaded = load_for_inference(args.model)
         split, classes, names = load_test_split(args.data_dir, args.download_root)
@@ -87,13 +88,23 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
     if args.predictions_out:
         try:
-            args.predictions_out.write_text(
-                json.dumps(dict(zip(names, predictions.tolist(), strict=True)))
+            write_text_atomic(
+                args.predictions_out,
+                json.dumps(dict(zip(names, predictions.tolist(), strict=True))),
             )
         except OSError as exc:
             print(f"error: cannot write {args.predictions_out}: {exc.strerror}", file=sys.stderr)
             return 2
     return 0
+
+
+def _refuse_writing_over_the_model(out: Path, model: Path) -> None:
+    """`--predictions-out` naming the model (a tab-completed path, say) would replace it with
+    a JSON file once the evaluation is done; an artifact folder's model.json the same."""
+    target, model = out.resolve(), model.resolve()
+    if target == model or (model.is_dir() and target.parent == model):
+        where = "is the model" if target == model else "is inside the model folder"
+        raise UserError(f"--predictions-out {out} {where} being evaluated; choose another path")
 
 
 if __name__ == "__main__":

@@ -49,9 +49,14 @@ def per_class_lines(per_class: dict[str, float]) -> list[str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """The whole text or the file as it was: a full disk or a kill mid-write leaves no half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:

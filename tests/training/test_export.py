@@ -340,8 +340,11 @@ def test_evaluate_prints_its_report_when_the_predictions_cannot_be_written(
         training.engine, "evaluate_model", lambda *a, **k: (report, torch.tensor([0, 0]))
     )
     out = tmp_path / "p.json"
+    out.write_text('{"x": 1, "y": 1}')  # an earlier run's predictions
+    real_write_text = Path.write_text
 
-    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+    def full_disk(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_text", full_disk)
@@ -352,3 +355,30 @@ def test_evaluate_prints_its_report_when_the_predictions_cannot_be_written(
     assert code == 2
     assert captured.out.startswith(f"{tmp_path / 'last.pt'}: 50.00% top-1 on 2 images")
     assert captured.err.strip() == f"error: cannot write {out}: No space left on device"
+    # Not half of the new file: the earlier one, whole, and no temporary file beside it.
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+    assert out.read_text() == '{"x": 1, "y": 1}'
+
+
+def test_evaluate_refuses_to_write_its_predictions_over_the_model(
+    ckpt: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before anything loads: the model would otherwise be replaced by a JSON file."""
+    from training import evaluate
+
+    save_atomic(ckpt, tmp_path / "last.pt")
+    export_artifact(ckpt, tmp_path / "w")
+    before = {p: p.read_bytes() for p in (tmp_path / "last.pt", tmp_path / "w" / INDEX_NAME)}
+    cases = [
+        (tmp_path / "last.pt", tmp_path / "last.pt", "is the model being evaluated"),
+        (tmp_path / "w", tmp_path / "w" / INDEX_NAME, "is inside the model folder being evaluated"),
+        (tmp_path / "w", tmp_path / "w" / "p.json", "is inside the model folder being evaluated"),
+    ]
+    for model, out, why in cases:
+        code = evaluate.main(
+            [str(model), "--data-dir", str(tmp_path), "--predictions-out", str(out)]
+        )
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: --predictions-out {out} {why}; choose another path"
+    assert all(p.read_bytes() == data for p, data in before.items())
