@@ -350,9 +350,18 @@ def _train(
                 on_disk = dict(load_checkpoint(best_file)["best"])
             except CheckpointError as exc:
                 lost = str(exc)
-        if restart_best:
-            if lost is None:  # it would replace the run's best weights for nothing
-                raise UserError(f"{best_file} is fine; resume without --restart-best")
+        if restart_best and lost is None:  # it would replace the run's best weights for nothing
+            raise UserError(f"{best_file} is fine; resume without --restart-best")
+        if lost is not None and best_epoch == ckpt["epoch"]:
+            # The best epoch is last.pt's own: its weights are best.pt's, and nothing is lost.
+            # best.pt is rebuilt from them below (as --restart-best does), the record kept.
+            log.warning(
+                "%s; it held the weights of epoch %d, which %s holds too: rebuilding it from them",
+                f"{best_file} is missing" if lost == "missing" else lost.rstrip("."),
+                best_epoch, resume.name,
+            )  # fmt: skip
+            restart_best = True
+        elif restart_best:
             # last.pt's own weights are the best known from here on: best.pt is rewritten from
             # them below, so a stop before the next epoch still leaves a run that resumes.
             log.warning(

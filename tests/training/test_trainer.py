@@ -275,6 +275,18 @@ def stopped_after_epoch_1(image_tree: Path, run_dir: Path, epochs: int) -> Train
     return config
 
 
+def stopped_after_epoch_2_best_1(image_tree: Path, run_dir: Path, epochs: int) -> TrainConfig:
+    """A `seed` run stopped after its second epoch, whose last.pt records the first as the best
+    (tiny runs do not choose): best.pt's weights are then not last.pt's."""
+    config = tiny_config("seed", image_tree, run_dir, epochs=epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, hooks=Interrupt(epoch=2).hooks())
+    last = load_checkpoint(run_dir / "last.pt")
+    last["best"] = {"epoch": 1, "val_acc": last["metrics"][0]["val_acc"]}
+    save_atomic(last, run_dir / "last.pt")
+    return config
+
+
 @pytest.mark.parametrize(
     "interrupt",
     [Interrupt(epoch=1), Interrupt(epoch=2, step=1)],
@@ -417,7 +429,7 @@ def test_the_resume_hint_of_a_run_in_a_relative_folder_is_absolute(
 def test_resume_without_the_runs_best_pt_stops_before_training(
     image_tree: Path, run_dir: Path
 ) -> None:
-    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    config = stopped_after_epoch_2_best_1(image_tree, run_dir, epochs=3)
     moved = run_dir / "moved"
     moved.mkdir()
     shutil.copy(run_dir / "last.pt", moved / "last.pt")  # without best.pt
@@ -435,7 +447,7 @@ def test_a_lost_best_pt_is_named_and_restart_best_resumes_the_run(
     copy): the resume was refused with no way on but starting over, losing every epoch.
     --restart-best continues; best.pt then holds the best of the epochs from last.pt's on,
     starting with last.pt's own weights, and the record says since when."""
-    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    config = stopped_after_epoch_2_best_1(image_tree, run_dir, epochs=3)
     last_bytes = (run_dir / "last.pt").read_bytes()
     resumed = load_checkpoint(run_dir / "last.pt")["model"]["state_dict"]
     if damage == "missing":
@@ -447,13 +459,37 @@ def test_a_lost_best_pt_is_named_and_restart_best_resumes_the_run(
     assert (run_dir / "last.pt").read_bytes() == last_bytes
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
         result = train(config, resume=run_dir / "last.pt", restart_best=True)
-    assert "best.pt will hold the best of epochs 1-3" in caplog.text
+    assert "weights of epoch 1 are lost; best.pt will hold the best of epochs 2-3" in caplog.text
     best = load_checkpoint(run_dir / "best.pt")
-    assert best["best"]["since_epoch"] == 1 and best["best"]["epoch"] in (1, 2, 3)
+    assert best["best"]["since_epoch"] == 2 and best["best"]["epoch"] in (2, 3)
     assert result.best_test == json.loads((run_dir / "summary.json").read_text())["best"]["test"]
-    if best["best"]["epoch"] == 1:  # nothing later beat it: the weights are last.pt's of epoch 1
+    if best["best"]["epoch"] == 2:  # nothing later beat it: the weights are last.pt's of epoch 2
         for name, tensor in best["model"]["state_dict"].items():
             assert torch.equal(tensor, resumed[name]), name
+
+
+@pytest.mark.parametrize("restart_best", [False, True], ids=["plain", "restart-best"])
+def test_a_lost_best_pt_whose_weights_last_pt_holds_is_rebuilt(
+    restart_best: bool, image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The best epoch was last.pt's own: nothing is lost, so the resume needs no flag (it was
+    refused), and the best record stays the run's (--restart-best used to say the weights
+    were lost and drop the epochs before)."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=2)
+    stopped = load_checkpoint(run_dir / "last.pt")
+    (run_dir / "best.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        train(config, resume=run_dir / "last.pt", restart_best=restart_best)
+    assert "best.pt is missing; it held the weights of epoch 1, which last.pt holds" in caplog.text
+    assert "are lost" not in caplog.text
+    best = load_checkpoint(run_dir / "best.pt")
+    assert "since_epoch" not in best["best"]
+    if best["epoch"] == 1:  # epoch 2 did not beat it: the weights and record are last.pt's
+        assert best["best"] == stopped["best"]
+        for name, tensor in best["model"]["state_dict"].items():
+            assert torch.equal(tensor, stopped["model"]["state_dict"][name]), name
+    else:
+        assert best["best"]["epoch"] == 2
 
 
 def test_restart_best_leaves_a_good_best_pt_alone(image_tree: Path, run_dir: Path) -> None:
