@@ -4,6 +4,7 @@ APP_* environment variable; see `python -m app --help`."""
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
 import math
 import os
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {detail}; see python -m app --help", file=sys.stderr)
         return 2
     try:
+        # Before the model loads (seconds, minutes for a cold GPU): uvicorn found the port
+        # taken only then, and said so in a traceback-like log line with exit code 3.
+        workers.check_port_free(settings.host, settings.port)
+    except OSError as exc:
+        return _cannot_listen(settings, exc)
+    try:
         from app.main import configure_logging, create_app  # FastAPI: only to serve
 
         configure_logging(settings.log_level)
@@ -144,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                     stops=stops,
                     **common,
                 )
-            except OSError as exc:
-                print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
-                      " (another server there? choose --port)", file=sys.stderr)  # fmt: skip
-                return 1
+            except OSError as exc:  # taken since the check above
+                return _cannot_listen(settings, exc)
     return 0
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> int:
+    hint = "another server there? choose --port" if exc.errno == errno.EADDRINUSE else "see --host"
+    print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror} ({hint})",
+          file=sys.stderr)  # fmt: skip
+    return 1

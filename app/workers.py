@@ -69,7 +69,7 @@ def reuseport_socket(host: str, port: int, *, reuseaddr: bool = True) -> socket.
     return sock
 
 
-def _port_is_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """OSError (EADDRINUSE) when anyone listens on (host, port), or holds it as `claim_port`.
 
     A socket without SO_REUSEPORT cannot bind next to a listening one, whoever owns it, so this
@@ -86,10 +86,10 @@ def claim_port(host: str, port: int) -> socket.socket:
     workers' sockets receive every connection. OSError when the port is in use.
 
     The hold sets SO_REUSEPORT but not SO_REUSEADDR: our workers (SO_REUSEPORT, same user) may
-    bind next to it, and `_port_is_free` in another instance fails against it even before our
+    bind next to it, and `check_port_free` in another instance fails against it even before our
     workers listen (while their models load). Two instances started in the same instant may
     both pass the check: the kernel offers no atomic test-and-hold for a shared port."""
-    _port_is_free(host, port)
+    check_port_free(host, port)
     try:
         return reuseport_socket(host, port, reuseaddr=False)
     except OSError:
