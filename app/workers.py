@@ -186,6 +186,7 @@ class _Slot:
     ready: ctypes.c_bool  # in shared memory: set by the process once it listens
     served: bool = False  # a process of this slot got to listen
     failures: int = 0  # replacements in a row that exited before they were ready
+    announced: bool = False  # its current process was logged as ready
     restart_at: float | None = None  # time.monotonic() of the next start, once process exited
 
 
@@ -260,6 +261,7 @@ def run_workers(
     `stops`: the list of `note_stops`, if the caller noted stops until now; if it holds one,
     no worker starts, and the status is the signal's (130 for Ctrl-C)."""
     guard = claim_port(host, port)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port} (Ctrl-C to stop)"
     context = multiprocessing.get_context("spawn")  # no forked torch or thread state
     received = stops if stops is not None else []
     # A list, not a threading.Event: the handler runs on the main thread between two bytecodes,
@@ -296,6 +298,11 @@ def run_workers(
         """Replace the slot's process once it exited, when the policy says; False: stop."""
         if slot.restart_at is None:
             if slot.process.is_alive():
+                if slot.ready.value and not slot.announced:
+                    # The address, as one uvicorn process logs it: with sockets of their own,
+                    # the workers' uvicorn logs none.
+                    slot.announced = True
+                    log.info("worker %d ready on %s", slot.index, url)
                 return True
             _mark_dead(slot.process.pid)
             delay = _restart_delay(slot, slot.process.exitcode, slot.ready.value)
@@ -304,7 +311,7 @@ def run_workers(
             slot.restart_at = time.monotonic() + delay
         if time.monotonic() >= slot.restart_at:
             slot.process, slot.ready = launch(slot.index)
-            slot.restart_at = None
+            slot.restart_at, slot.announced = None, False
         return True
 
     slots = [] if received else [_Slot(i, *launch(i)) for i in range(count)]

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -201,6 +202,9 @@ def test_two_workers_serve_report_together_and_recover(artifact: Path, tmp_path:
     assert "Traceback" not in text
     assert "was killed by SIGKILL; starting another" in text
     assert "was killed by SIGKILL before it was ready; starting another in 1 s" in text
+    # Where it serves, as one process says it; a process that never got ready is not named.
+    ready = re.findall(rf"worker (\d) ready on http://127\.0\.0\.1:{port} \(Ctrl-C to stop\)", text)
+    assert sorted(ready[:2]) == ["0", "1"] and len(ready) == 3, text  # both, then the newcomer
 
 
 def _running(pid: int) -> bool:
