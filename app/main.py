@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
 from app.predictor import Predictor
-from app.routes import STATIC_DIR, ops, page, predictions
+from app.routes import STATIC_DIR, ops, page, predictions, text_beside_uploads
 from app.settings import Settings
 from app.state import APIError, ServingState
 
@@ -280,6 +280,13 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         code, detail = _validation_message(exc)
+        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+        if code == "no_file" and multipart:
+            # A text value beside the upload(s) was read as the field's value, or one of them:
+            # "no file" would be wrong. (The form was parsed for the endpoint: kept, not re-read.)
+            mixed = text_beside_uploads(await request.form())
+            if mixed is not None:
+                return _error(422, mixed.code, mixed.detail)
         return _error(422, code, detail)
 
     @app.exception_handler(Exception)

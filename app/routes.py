@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFi
 from fastapi.responses import FileResponse
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as FormFile
 
 from app.batching import DeadlineExceeded, DynamicBatcher, QueueFull, Ticket
@@ -107,11 +108,29 @@ def to_prediction(probs: torch.Tensor, classes: list[str], k: int) -> Prediction
     )
 
 
+def text_beside_uploads(form: FormData) -> APIError | None:
+    """A file field ('file' or 'files') holding a text value as well as files: /predict read
+    whichever came last, ignoring the text or saying "no file"; refused either way."""
+    for field in ("file", "files"):
+        values = form.getlist(field)
+        texts = sum(isinstance(v, str) for v in values)
+        if 0 < texts < len(values):
+            return APIError(
+                422,
+                "not_a_file",
+                f"field '{field}' holds {texts} text value(s) beside its file upload(s): send "
+                "only files in it",
+            )
+    return None
+
+
 async def _only_uploads_in(request: Request, field: str, at_most: int | None = None) -> None:
     """The form parser keeps every part, the endpoint's parameter only those of its own field
     (one, for /predict): answer part of an upload and the client never learns the rest was
     dropped. So files in another field, or several where one is read, are a 422."""
     form = await request.form()  # the form FastAPI already parsed
+    if (mixed := text_beside_uploads(form)) is not None:
+        raise mixed
     uploads = [key for key, value in form.multi_items() if isinstance(value, FormFile)]
     others = sorted(set(uploads) - {field})
     if others:

@@ -294,6 +294,17 @@ def chunks(total: int, size: int = 16_384) -> Iterator[bytes]:
         yield b"\0" * size
 
 
+def file_then_text(field: str) -> dict[str, Any]:
+    """A form whose `field` holds an image and then a text value (httpx sends text first)."""
+    body = (
+        f"--xyz\r\nContent-Disposition: form-data; name={field}; filename=a.png\r\n"
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + images.png()
+    body += f"\r\n--xyz\r\nContent-Disposition: form-data; name={field}\r\n\r\nhello".encode()
+    body += b"\r\n--xyz--\r\n"
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=xyz"}}
+
+
 @pytest.mark.parametrize(
     ("request_kwargs", "status", "code"),
     [
@@ -303,6 +314,13 @@ def chunks(total: int, size: int = 16_384) -> Iterator[bytes]:
         ),
         pytest.param({"data": {"top_k": "3"}}, 422, "no_file", id="form-without-file"),
         pytest.param({"data": {"file": "hello"}}, 422, "no_file", id="text-instead-of-file"),
+        pytest.param(
+            {"files": images.upload(images.png()), "data": {"file": "hello"}},
+            422,
+            "not_a_file",
+            id="text-beside-the-file",
+        ),
+        pytest.param(file_then_text("file"), 422, "not_a_file", id="text-after-the-file"),
         pytest.param(
             {"files": images.upload(b"\0" * (MAX_UPLOAD + 1))},
             413,
@@ -369,6 +387,13 @@ def test_bad_request_to_predict(
         pytest.param(
             {"files": images.upload(images.png(), field="file")}, 422, "no_file", id="wrong-field"
         ),
+        pytest.param(
+            {"files": images.uploads(images.png()), "data": {"files": "hello"}},
+            422,
+            "not_a_file",
+            id="text-beside-the-files",
+        ),
+        pytest.param(file_then_text("files"), 422, "not_a_file", id="text-after-the-files"),
         pytest.param(
             {"files": images.uploads(*[images.png()] * (MAX_FILES + 1))},
             413,
