@@ -178,6 +178,45 @@ class CompleteMultipart:
         await self.app(scope, checked, send)
 
 
+class CancelledAtShutdown:
+    """A request still running when the graceful-shutdown time (APP_GRACEFUL_SHUTDOWN_S) is up
+    is cancelled by uvicorn, which then logged "Exception in ASGI application" with a
+    CancelledError traceback and answered 500. It gets a 503 instead (another instance may
+    take it), and the log one line. Nothing else cancels a request from outside the app:
+    the cancel scopes of anyio and of our own tasks end inside it."""
+
+    def __init__(self, app: ASGIApp, graceful_shutdown_s: float) -> None:
+        self.app, self.graceful_shutdown_s = app, graceful_shutdown_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except asyncio.CancelledError:
+            log.warning(
+                "%s %s cancelled: still running %g s after the server was told to stop "
+                "(APP_GRACEFUL_SHUTDOWN_S)",
+                scope["method"], scope["path"], self.graceful_shutdown_s,
+            )  # fmt: skip
+            if not started:
+                response = _error(
+                    503,
+                    "shutting_down",
+                    "the server stopped before this request finished; send it again",
+                    {"Connection": "close", "Retry-After": "1"},
+                )
+                await response(scope, receive, send)
+
+
 class RequestMetrics:
     """Count requests by route template and status, and time them. A request answered before
     routing (a 413 from Content-Length) counts under its path when that is a route's."""
@@ -301,6 +340,7 @@ def create_app(
     app.add_middleware(CompleteMultipart)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(ReadTimeout, timeout_s=settings.read_timeout_s)
+    app.add_middleware(CancelledAtShutdown, graceful_shutdown_s=settings.graceful_shutdown_s)
     # From the routers: FastAPI lists an included router as one opaque entry of app.routes.
     paths = frozenset(route.path for router in (predictions, ops, page) for route in router.routes)
     app.add_middleware(RequestMetrics, metrics=state.metrics, paths=paths)

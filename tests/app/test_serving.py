@@ -3,7 +3,9 @@ readiness (loading, failed), both checkpoint formats, and precision choice."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -262,6 +264,50 @@ def test_no_api_key_needed_when_none_is_set(serve: ServeFactory) -> None:
     assert post_image(client, images.png(7)).status_code == 200
     batch = client.post("/predict/batch", files=images.uploads(images.png(8)))
     assert batch.status_code == 200
+
+
+def test_a_request_cancelled_at_the_shutdown_timeout_is_a_503_without_a_traceback(
+    serve: ServeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn cancels the requests still running when APP_GRACEFUL_SHUTDOWN_S is up; the
+    CancelledError reached it, which logged a traceback and answered 500. Here: an upload
+    that never completes, its task cancelled as uvicorn does it, through the whole app."""
+    client = serve(graceful_shutdown_s=2.0, read_timeout_s=60.0)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+        "headers": [(b"content-type", b"multipart/form-data; boundary=xyz")],
+    }  # fmt: skip
+    first = b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n\r\n"
+
+    async def scenario() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        bodies = [{"type": "http.request", "body": first, "more_body": True}]
+
+        async def receive() -> dict[str, Any]:
+            if bodies:
+                return bodies.pop()
+            await asyncio.Event().wait()  # the rest never comes
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        task = asyncio.create_task(client.app(scope, receive, send))
+        await asyncio.sleep(0.2)
+        task.cancel("Task cancelled, timeout graceful shutdown exceeded")
+        await task  # answered, not raised
+        return sent
+
+    with caplog.at_level(logging.WARNING, logger="app"):
+        sent = asyncio.run(scenario())
+    start, body = sent[0], json.loads(sent[1]["body"])
+    assert start["status"] == 503 and (b"connection", b"close") in start["headers"]
+    assert body["error"] == "shutting_down" and "send it again" in body["detail"]
+    assert "POST /predict cancelled: still running 2 s after the server was told to stop" in (
+        caplog.text
+    )
 
 
 @pytest.mark.parametrize(
