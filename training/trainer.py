@@ -308,6 +308,11 @@ def _train(
     ckpt: dict[str, Any] | None = None
     resumed_file = None
     if resume is not None:
+        if resume.parent.is_dir() and not dist_info.enabled:
+            # A run in progress there is refused before its files are read: between two
+            # writes its best.pt is an epoch ahead of last.pt, which was reported as a fault.
+            with run_lock(resume.parent):
+                pass
         resumed_file = _file_identity(resume)  # before reading it: see the lock below
         ckpt = load_checkpoint(resume)
         if "optimizer" not in ckpt:
@@ -423,11 +428,10 @@ def _train(
     if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
         _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
         _check_creatable(out)  # a read-only disk, a parent that is a file
-    busy = resume.parent if resume is not None else cfg.out_dir
-    if busy is not None and busy.is_dir() and not dist_info.enabled:
+    if resume is None and out is not None and out.is_dir() and not dist_info.enabled:
         # A folder in use is refused before the data is decoded (minutes for a large set);
-        # the lock itself is taken below, once the folder is settled.
-        with run_lock(busy):
+        # the lock itself is taken below, once the folder is settled. (A resumed run's: above.)
+        with run_lock(out):
             pass
 
     t_load = time.perf_counter()

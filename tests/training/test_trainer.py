@@ -678,6 +678,24 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     assert result.last.exists() and result.test["accuracy"] >= 0
 
 
+def test_a_resume_of_a_run_in_progress_is_refused_before_its_files_are_read(
+    image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Between its two writes a running run's best.pt is an epoch ahead of last.pt's record:
+    a resume of it warned about that, and only then said the folder was in use."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    best = load_checkpoint(run_dir / "best.pt")
+    best["best"] = {**best["best"], "epoch": 2}  # as epoch 2's best.pt, before its last.pt
+    save_atomic(best, run_dir / "best.pt")
+    with (
+        folder_locked_by_another_process(run_dir),
+        caplog.at_level(logging.WARNING, logger="training.trainer"),
+        pytest.raises(UserError, match=r"in use by another training process; wait"),
+    ):
+        train(config, resume=run_dir / "last.pt")
+    assert "best.pt holds epoch" not in caplog.text
+
+
 def test_an_out_dir_that_is_a_file_is_refused_before_decoding(
     image_tree: Path, tmp_path: Path
 ) -> None:
