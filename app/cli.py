@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cannot_listen(settings: Settings, exc: OSError) -> int:
-    hint = "another server there? choose --port" if exc.errno == errno.EADDRINUSE else "see --host"
+    hint = {
+        errno.EADDRINUSE: "another server there? choose --port",
+        errno.EACCES: "ports below 1024 need privileges; choose --port",
+    }.get(exc.errno or 0, "see --host")
     print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror} ({hint})",
           file=sys.stderr)  # fmt: skip
     return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import math
 import sys
 import threading
 import time
@@ -196,16 +197,17 @@ class CancelledAtShutdown:
 
         async def watch(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
             await send(message)
+            # After: a cancel while uvicorn waits to send the start leaves it unsent.
+            started = started or message["type"] == "http.response.start"
 
         try:
             await self.app(scope, receive, watch)
         except asyncio.CancelledError:
             log.warning(
-                "%s %s cancelled: still running %g s after the server was told to stop "
-                "(APP_GRACEFUL_SHUTDOWN_S)",
-                scope["method"], scope["path"], self.graceful_shutdown_s,
+                "%s %s cancelled: the server stopped before it finished "
+                "(APP_GRACEFUL_SHUTDOWN_S: %d s)",
+                scope["method"], scope["path"], math.ceil(self.graceful_shutdown_s),
             )  # fmt: skip
             if not started:
                 response = _error(
@@ -319,7 +321,9 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         code, detail = _validation_message(exc)
-        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+        multipart = (
+            request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+        )
         if code == "no_file" and multipart:
             # A text value beside the upload(s) was read as the field's value, or one of them:
             # "no file" would be wrong. (The form was parsed for the endpoint: kept, not re-read.)

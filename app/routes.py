@@ -41,8 +41,14 @@ ERRORS = {
     401: {"model": ErrorBody, "description": "API key required (X-API-Key) or wrong"},
     413: {"model": ErrorBody, "description": "body over the upload limit; too many pixels, files"},
     415: {"model": ErrorBody, "description": "not an image, or an unsupported format"},
-    422: {"model": ErrorBody, "description": "no file in field 'file'/'files', bad top_k"},
-    503: {"model": ErrorBody, "description": "model not ready, or queue full (see Retry-After)"},
+    422: {
+        "model": ErrorBody,
+        "description": "no file in field 'file'/'files', text beside it, bad top_k",
+    },
+    503: {
+        "model": ErrorBody,
+        "description": "model not ready, queue full, or shutting down (see Retry-After)",
+    },
     504: {"model": ErrorBody, "description": "no result within the request timeout"},
 }
 

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.limits import PIL_PIXEL_LIMIT
 from training.cpus import available_cpus
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:(0|[1-9][0-9]{0,3}))?)$")  # what torch.device takes
 
 
 def setting(default: Any, description: str, **kwargs: Any) -> Any:

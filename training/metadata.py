@@ -104,12 +104,18 @@ def val_acc_at(metrics: Any, epoch: int | None) -> float | None:
     """The validation accuracy of the weights of `epoch` from a 'metrics' list, if any.
 
     A best.pt carries the whole run's metrics, and the last epoch's accuracy is not that of
-    its weights; a file without per-epoch numbers (or not naming its epoch) gets the last."""
+    its weights. Metrics without epoch numbers, or a file not naming its epoch: the last one's;
+    an epoch the metrics do not list: None."""
     if metrics is None or metrics == []:
         return None
     if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
         raise MetadataError("'metrics' is not a list of per-epoch objects")
-    index = next((i for i, m in enumerate(metrics) if m.get("epoch") == epoch), len(metrics) - 1)
+    index = len(metrics) - 1
+    if epoch is not None and any("epoch" in m for m in metrics):
+        found = [i for i, m in enumerate(metrics) if m.get("epoch") == epoch]
+        if not found:  # not this file's epoch: another epoch's figure would be misreported
+            return None
+        index = found[0]
     value = metrics[index].get("val_acc")
     if value is not None and not is_number(value):
         raise MetadataError(f"'metrics[{index}].val_acc' is {_kind(value)}, not a number")

@@ -49,7 +49,15 @@ def per_class_lines(per_class: dict[str, float]) -> list[str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """The whole text or the file as it was: a full disk or a kill mid-write leaves no half."""
+    """The whole text or the file as it was: a full disk or a kill mid-write leaves no half.
+
+    Through a symbolic link the file it names is replaced, not the link. A target that is not
+    a regular file (/dev/stdout), or a file in a folder this process cannot write (no room for
+    the temporary file beside it), is written in place."""
+    path = Path(os.path.realpath(path))
+    if (path.exists() and not path.is_file()) or not os.access(path.parent, os.W_OK):
+        path.write_text(text)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text)

@@ -22,7 +22,9 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", spec):  # checked first: torch.device raises on 'cuda:x'
+    if re.fullmatch(
+        r"cuda(:(0|[1-9][0-9]{0,3}))?", spec
+    ):  # checked first: torch.device raises on 'cuda:x'
         if not torch.cuda.is_available():
             raise UserError(
                 f"device {spec!r} asked for, but CUDA is not available "

@@ -91,6 +91,16 @@ def test_flags_override_environment_variables(monkeypatch: pytest.MonkeyPatch) -
     assert (s.max_batch_size, s.max_batch_delay_ms, s.port) == (8, 5.5, 9000)
 
 
+def test_a_port_refused_for_privileges_points_at_port(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import _cannot_listen
+
+    assert _cannot_listen(Settings(port=80), PermissionError(13, "Permission denied")) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: cannot listen on 127.0.0.1:80: Permission denied (ports below 1024 need "
+        "privileges; choose --port)"
+    )
+
+
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", " CUDA:0 "])
 def test_device_spellings(device: str) -> None:
     assert Settings(device=device).device == device.strip().lower()
@@ -101,6 +111,8 @@ def test_device_spellings(device: str) -> None:
     [
         {"device": "tpu"},
         {"device": "cuda:x"},
+        {"device": "cuda:01"},  # torch.device refuses these: a traceback at load, not here
+        {"device": "cuda:\u0661"},
         {"max_batch_size": 0},
         {"max_batch_size": 1025},
         {"port": 0},

@@ -33,6 +33,7 @@ from training.artifact import (
 )
 from training.checkpoint import build_model, save_atomic
 from training.folders import list_image_folder, resolve_image_root
+from training.metadata import val_acc_at
 from training.trainer import RunResult
 
 
@@ -102,6 +103,16 @@ def test_a_best_pt_reports_the_validation_accuracy_of_its_own_epoch(
     unnumbered = {**best, "metrics": [{"val_acc": 11.0}, {"val_acc": 14.0}]}
     save_atomic(unnumbered, tmp_path / "unnumbered.pt")  # no epoch to match: the last one's
     assert load_for_inference(tmp_path / "unnumbered.pt").info["validation_accuracy"] == 14.0
+
+
+def test_the_validation_accuracy_of_an_epoch() -> None:
+    numbered = [{"epoch": e, "val_acc": 10.0 + e} for e in (1, 2, 3)]
+    assert val_acc_at(numbered, 2) == 12.0
+    assert val_acc_at(numbered, None) == 13.0  # a file not naming its epoch: the last one's
+    assert val_acc_at(numbered, 7) is None  # not another epoch's figure
+    unnumbered = [{"val_acc": 11.0}, {"val_acc": 14.0}]
+    assert val_acc_at(unnumbered, None) == val_acc_at(unnumbered, 1) == 14.0  # was 11.0 for None
+    assert val_acc_at([], 1) is None
 
 
 def test_a_new_export_replaces_the_shards_and_keeps_the_model_card(
@@ -373,6 +384,11 @@ def test_evaluate_refuses_to_write_its_predictions_over_the_model(
         (tmp_path / "last.pt", tmp_path / "last.pt", "is the model being evaluated"),
         (tmp_path / "w", tmp_path / "w" / INDEX_NAME, "is inside the model folder being evaluated"),
         (tmp_path / "w", tmp_path / "w" / "p.json", "is inside the model folder being evaluated"),
+        (  # the artifact named by its index: its shards are the model too
+            tmp_path / "w" / INDEX_NAME,
+            next((tmp_path / "w").glob("model-*.safetensors")),
+            "is inside the model folder being evaluated",
+        ),
     ]
     for model, out, why in cases:
         code = evaluate.main(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import unicodedata
 import warnings
 from pathlib import Path
@@ -13,7 +14,13 @@ import pytest
 from matplotlib import font_manager
 from PIL import Image
 
-from training.report import display_width, fonts_for, per_class_lines, plot_confusion
+from training.report import (
+    display_width,
+    fonts_for,
+    per_class_lines,
+    plot_confusion,
+    write_text_atomic,
+)
 
 
 def _ink_on_the_border(path: Path) -> bool:
@@ -164,3 +171,26 @@ def test_a_matplotlibrc_naming_fonts_not_installed_still_draws(
     assert families and absent == ""
     plot_confusion(tmp_path / "confusion.png", [[1, 0], [0, 1]], ["cat", "dog"], "test")
     assert (tmp_path / "confusion.png").exists()
+
+
+def test_write_text_atomic_replaces_what_a_link_names_and_writes_where_it_cannot_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename replaced a link itself (the file it named kept its old text); a folder this
+    process cannot write has no room for the temporary file, though the file is writable."""
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+    folder_writable = os.access
+    monkeypatch.setattr(
+        "training.report.os.access",
+        lambda p, mode: Path(p) != tmp_path and folder_writable(p, mode),
+    )
+    monkeypatch.setattr("training.report.os.replace", lambda *a: pytest.fail("renamed"))
+    write_text_atomic(real, "newer")
+    assert real.read_text() == "newer"

@@ -34,7 +34,15 @@ def test_device_spellings_with_two_gpus(two_gpus: None) -> None:
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UserError, match=r"'cuda:2' asked for, but only 2 CUDA device\(s\)"):
         resolve_device("cuda:2")
-    for spec in ("cuda:abc", "cuda:", "cuda:-1", "cudax"):  # torch.device raised on the first
+    for spec in (
+        "cuda:abc",
+        "cuda:",
+        "cuda:-1",
+        "cudax",
+        "cuda:01",
+        "cuda:\u0661",
+        "cuda:99999",
+    ):  # torch.device raised on the first
         with pytest.raises(UserError, match=f"unknown device '{spec}'; use auto, cpu, cuda or"):
             resolve_device(spec)
 
