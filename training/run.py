@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart-best",
         action="store_true",
         help="with --resume, when the run's best.pt is lost or unreadable: continue anyway; "
-        "best.pt then holds the best of the epochs from last.pt's on",
+        "best.pt then holds the best of the epochs from last.pt's on (when the best epoch is "
+        "last.pt's own, best.pt is rebuilt from it without this flag)",
     )
     for f in fields(TrainConfig):
         if f.name == "recipe":

@@ -32,10 +32,8 @@ def folder_lock(folder: Path, busy: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def run_lock(out_dir: Path) -> AbstractContextManager[None]:
+def run_lock(out_dir: Path, resuming: bool = False) -> AbstractContextManager[None]:
     """The run folder's lock, held by one training process."""
-    return folder_lock(
-        out_dir,
-        f"{out_dir} is in use by another training process; wait for it to end or choose "
-        "another --out-dir",
-    )
+    # A resumed run continues in its own folder: no other to choose.
+    way_on = "wait for it to end" if resuming else "wait for it to end or choose another --out-dir"
+    return folder_lock(out_dir, f"{out_dir} is in use by another training process; {way_on}")

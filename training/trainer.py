@@ -311,7 +311,7 @@ def _train(
         if resume.parent.is_dir() and not dist_info.enabled:
             # A run in progress there is refused before its files are read: between two
             # writes its best.pt is an epoch ahead of last.pt, which was reported as a fault.
-            with run_lock(resume.parent):
+            with run_lock(resume.parent, resuming=True):
                 pass
         resumed_file = _file_identity(resume)  # before reading it: see the lock below
         ckpt = load_checkpoint(resume)
@@ -554,7 +554,7 @@ def _train(
     if dist_info.is_main:
         try:
             _check_writable(out_dir)  # now, not after the first epoch has trained
-            held.enter_context(run_lock(out_dir))
+            held.enter_context(run_lock(out_dir, resuming=resume is not None))
             if resume is not None and _file_identity(resume) != resumed_file:
                 # Another process resumed this run after we read last.pt and before we took
                 # the lock (our decoding outlasted its run): training on from what we read

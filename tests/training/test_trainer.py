@@ -669,7 +669,10 @@ def test_a_run_folder_in_use_by_another_process_is_refused(image_tree: Path, run
     with folder_locked_by_another_process(run_dir):
         with (
             patch.object(trainer_module, "load_data", side_effect=AssertionError("decoded")),
-            pytest.raises(UserError, match=r"in use by another training process; wait"),
+            pytest.raises(
+                UserError,
+                match=r"in use by another training process; wait for it to end or choose another --out-dir",
+            ),
         ):  # refused before the data is decoded
             train(tiny_config("seed", image_tree, run_dir, epochs=1))
         assert not (run_dir / "last.pt").exists()
@@ -690,7 +693,7 @@ def test_a_resume_of_a_run_in_progress_is_refused_before_its_files_are_read(
     with (
         folder_locked_by_another_process(run_dir),
         caplog.at_level(logging.WARNING, logger="training.trainer"),
-        pytest.raises(UserError, match=r"in use by another training process; wait"),
+        pytest.raises(UserError, match=r"in use by another training process; wait for it to end$"),
     ):
         train(config, resume=run_dir / "last.pt")
     assert "best.pt holds epoch" not in caplog.text
