@@ -11,8 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.limits import PIL_PIXEL_LIMIT
 from training.cpus import available_cpus
+from training.device_names import CUDA_DEVICE
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:(0|[1-9][0-9]{0,3}))?)$")  # what torch.device takes
+_DEVICE = re.compile(rf"^(auto|cpu|{CUDA_DEVICE})$")
 
 
 def setting(default: Any, description: str, **kwargs: Any) -> Any:

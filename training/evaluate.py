@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 def _refuse_writing_over_the_model(out: Path, model: Path) -> None:
     """`--predictions-out` naming the model (a tab-completed path, say) would replace it with
     a JSON file once the evaluation is done; an artifact folder's model.json the same."""
+    from training.artifact import INDEX_NAME  # loaded already, with load_for_inference
+
     target, model = out.resolve(), model.resolve()
-    if model.name == "model.json":  # an artifact named by its index: the folder is the model
+    if model.name == INDEX_NAME:  # an artifact named by its index: the folder is the model
         model = model.parent
     if target == model or (model.is_dir() and target.parent == model):
         where = "is the model" if target == model else "is inside the model folder"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.device_names import CUDA_DEVICE
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,9 +23,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
-    if re.fullmatch(
-        r"cuda(:(0|[1-9][0-9]{0,3}))?", spec
-    ):  # checked first: torch.device raises on 'cuda:x'
+    if re.fullmatch(CUDA_DEVICE, spec):  # checked first: torch.device raises on 'cuda:x'
         if not torch.cuda.is_available():
             raise UserError(
                 f"device {spec!r} asked for, but CUDA is not available "

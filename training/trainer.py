@@ -307,12 +307,15 @@ def _train(
 ) -> RunResult:
     ckpt: dict[str, Any] | None = None
     resumed_file = None
+    # A folder in use is refused first: before the data is decoded (minutes for a large set)
+    # and, for a resume, before the run's files are read (between two writes a running run's
+    # best.pt is an epoch ahead of last.pt, which was reported as a fault). The lock itself is
+    # taken below, once the folder is settled.
+    busy = resume.parent if resume is not None else cfg.out_dir
+    if busy is not None and busy.is_dir() and not dist_info.enabled:
+        with run_lock(busy, resuming=resume is not None):
+            pass
     if resume is not None:
-        if resume.parent.is_dir() and not dist_info.enabled:
-            # A run in progress there is refused before its files are read: between two
-            # writes its best.pt is an epoch ahead of last.pt, which was reported as a fault.
-            with run_lock(resume.parent, resuming=True):
-                pass
         resumed_file = _file_identity(resume)  # before reading it: see the lock below
         ckpt = load_checkpoint(resume)
         if "optimizer" not in ckpt:
@@ -428,11 +431,6 @@ def _train(
     if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
         _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
         _check_creatable(out)  # a read-only disk, a parent that is a file
-    if resume is None and out is not None and out.is_dir() and not dist_info.enabled:
-        # A folder in use is refused before the data is decoded (minutes for a large set);
-        # the lock itself is taken below, once the folder is settled. (A resumed run's: above.)
-        with run_lock(out):
-            pass
 
     t_load = time.perf_counter()
     prep = Preprocessing()
