@@ -13,6 +13,7 @@ even by SIGKILL, drains and exits too.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import multiprocessing
 import os
@@ -51,37 +52,79 @@ def supported() -> bool:
     return hasattr(socket, "SO_REUSEPORT") and os.uname().sysname == "Linux"
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+def addresses(host: str, port: int) -> list[tuple[socket.AddressFamily, Any]]:
+    """Each address (family, sockaddr) that (host, port) names, as one uvicorn process (asyncio's
+    create_server) binds them: a hostname's IPv4 and IPv6 addresses alike, and both families'
+    "any" address for a blank host. socket.gaierror when the host does not resolve."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
 
 
-def reuseport_socket(host: str, port: int, *, reuseaddr: bool = True) -> socket.socket:
-    """A socket bound to (host, port) that other SO_REUSEPORT sockets of this user may share."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+class Sockets(list[socket.socket]):
+    """The sockets of one (host, port), one per address; they close together."""
+
+    def close(self) -> None:
+        for sock in self:
+            sock.close()
+
+    def __enter__(self) -> Sockets:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _bind_all(host: str, port: int, options: list[tuple[int, int]]) -> Sockets:
+    """A socket per address of (host, port), each with the SOL_SOCKET `options` set, bound.
+
+    The family of a literal address was once guessed from a ':' in it, so a hostname with only
+    IPv6 addresses did not bind (nor did a port in use at a hostname's second address show).
+    IPv6 sockets are IPv6 only, as asyncio makes them: the IPv4 address is bound on its own,
+    and `--host ::` means the same with one process and with several. An address whose family
+    this machine lacks (EADDRNOTAVAIL) is left out, as asyncio does, unless it is the last."""
+    bound = Sockets()
     try:
-        if reuseaddr:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        candidates = addresses(host, port)
+        for i, (family, sockaddr) in enumerate(candidates):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            bound.append(sock)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            for name, value in options:
+                sock.setsockopt(socket.SOL_SOCKET, name, value)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                last = i == len(candidates) - 1
+                if exc.errno != errno.EADDRNOTAVAIL or (last and len(bound) == 1):
+                    raise
+                bound.pop().close()
     except OSError:
-        sock.close()
+        bound.close()
         raise
-    return sock
+    return bound
+
+
+def reuseport_sockets(host: str, port: int, *, reuseaddr: bool = True) -> Sockets:
+    """Sockets bound to (host, port) that other SO_REUSEPORT sockets of this user may share."""
+    options = [(socket.SO_REUSEPORT, 1)]
+    if reuseaddr:
+        options.append((socket.SO_REUSEADDR, 1))
+    return _bind_all(host, port, options)
 
 
 def check_port_free(host: str, port: int) -> None:
-    """OSError (EADDRINUSE) when anyone listens on (host, port), or holds it as `claim_port`.
+    """OSError (EADDRINUSE) when anyone listens on (host, port), or holds it as `claim_port`;
+    socket.gaierror when the host does not resolve.
 
     A socket without SO_REUSEPORT cannot bind next to a listening one, whoever owns it, so this
     also sees the workers of another instance of this service, which the kernel would
     otherwise let us join (same user, SO_REUSEPORT): clients would get either at random.
     SO_REUSEADDR lets it bind over connections of an earlier server left in TIME_WAIT."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    _bind_all(host, port, [(socket.SO_REUSEADDR, 1)]).close()
 
 
-def claim_port(host: str, port: int) -> socket.socket:
+def claim_port(host: str, port: int) -> Sockets:
     """The supervisor's hold on (host, port) while it runs: bound, never listening, so the
     workers' sockets receive every connection. OSError when the port is in use.
 
@@ -91,13 +134,13 @@ def claim_port(host: str, port: int) -> socket.socket:
     both pass the check: the kernel offers no atomic test-and-hold for a shared port."""
     check_port_free(host, port)
     try:
-        return reuseport_socket(host, port, reuseaddr=False)
+        return reuseport_sockets(host, port, reuseaddr=False)
     except OSError:
         # Connections of an earlier server without SO_REUSEPORT (one process: plain uvicorn)
         # left in TIME_WAIT refuse this bind for up to a minute; serve anyway, with a hold
         # that another instance's check passes until our workers listen, rather than send the
         # user away from a free port.
-        return reuseport_socket(host, port)
+        return reuseport_sockets(host, port)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -155,7 +198,7 @@ def _serve(
     # Blocked until now by the supervisor (see `launch`): a stop that came meanwhile is noted.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     exit_if_stopped(stops)
-    sock = reuseport_socket(host, port)
+    sockets = reuseport_sockets(host, port)
 
     def build_app() -> Any:
         # uvicorn calls this factory once its own handlers are in place: a later stop drains
@@ -174,7 +217,7 @@ def _serve(
     config = uvicorn.Config(
         build_app, factory=True, callback_notify=listening, http=protocol, **uvicorn_options
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -274,11 +275,65 @@ def test_the_workers_of_one_instance_share_its_port() -> None:
     port = free_port()
     with (
         workers.claim_port("127.0.0.1", port),
-        workers.reuseport_socket("127.0.0.1", port) as one,
-        workers.reuseport_socket("127.0.0.1", port) as two,
+        workers.reuseport_sockets("127.0.0.1", port) as one,
+        workers.reuseport_sockets("127.0.0.1", port) as two,
     ):
-        one.listen()
-        two.listen()
+        for sock in one + two:
+            sock.listen()
+
+
+def _resolving(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
+    """Have `name` resolve to `ips` (as /etc/hosts would), whatever this machine's resolver says."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str | None, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (ip, port, 0, 0))
+            if ":" in ip
+            else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+            for ip in ips
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_hostname_with_only_an_ipv6_address_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its family was guessed from a ':' in the host: IPv4, and the name did not resolve."""
+    _resolving(monkeypatch, "v6only.test", "::1")
+    port = free_port()
+    workers.check_port_free("v6only.test", port)
+    with (
+        workers.claim_port("v6only.test", port),
+        workers.reuseport_sockets("v6only.test", port) as worker,
+    ):
+        assert [s.getsockname()[:2] for s in worker] == [("::1", port)]
+
+
+def test_a_port_taken_at_any_address_of_the_host_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _resolving(monkeypatch, "both.test", "127.0.0.1", "::1")
+    port = free_port()
+    with socket.socket(socket.AF_INET6) as other:  # another program, on the IPv6 address only
+        other.bind(("::1", port))
+        other.listen()
+        with pytest.raises(OSError) as taken:
+            workers.check_port_free("both.test", port)
+    assert taken.value.errno == errno.EADDRINUSE
+    with workers.claim_port("both.test", port) as hold:
+        assert sorted(s.family for s in hold) == [socket.AF_INET, socket.AF_INET6]
+
+
+def test_a_blank_host_binds_every_interface_of_both_families() -> None:
+    """As one uvicorn process does; the IPv6 socket is IPv6 only, else it would hold the IPv4
+    port too and the second bind would fail."""
+    port = free_port()
+    with workers.claim_port("", port) as hold:
+        assert sorted(s.getsockname()[0] for s in hold) == ["0.0.0.0", "::"]
+        with pytest.raises(OSError):
+            workers.check_port_free("127.0.0.1", port)
 
 
 def test_a_port_left_in_time_wait_by_a_one_process_server_can_be_claimed() -> None:
