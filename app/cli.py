@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 if stops:  # uvicorn's own supervisor would never see it
                     return stop_status(stops[0])
                 uvicorn.run(
-                    "app.main:worker_app_from_env", factory=True, workers=settings.workers, **common
+                    "app.main:worker_app_from_env",
+                    factory=True,
+                    workers=settings.workers,
+                    # By path: uvicorn pickles its options for each worker process. Without it,
+                    # no limit on headers, and an early answered body read for as long as it comes.
+                    http="app.protocol:GuardedFromEnv",
+                    **common,
                 )
                 return 0
             try:

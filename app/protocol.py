@@ -19,12 +19,15 @@ within `DRAIN_S` (or the timeout, if longer), or the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import json
 import logging
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from app.settings import Settings
 
 log = logging.getLogger("app.protocol")
 
@@ -192,3 +195,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+@functools.cache
+def _read_timeout_from_env() -> float:
+    return Settings().read_timeout_s
+
+
+class GuardedFromEnv(GuardedHttpToolsProtocol):
+    """The guarded protocol by class path, with the read timeout of APP_READ_TIMEOUT_S:
+    `uvicorn --factory app.main:app_from_env --http app.protocol:GuardedFromEnv` (uvicorn's
+    `--http` takes a class path since 0.36), and uvicorn's own `--workers` supervisor, which
+    pickles its options for each process and so cannot take a class made by `guarded_protocol`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.read_timeout_s = _read_timeout_from_env()
+        super().connection_made(transport)

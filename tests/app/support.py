@@ -157,18 +157,27 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(artifact: Path, log: Path) -> Server:
+def start_server(artifact: Path, log: Path, uvicorn_args: list[str] | None = None) -> Server:
+    """`python -m app` on `artifact`; with `uvicorn_args`, `python -m uvicorn` with those
+    arguments (and the port) instead, the same settings given as APP_* variables."""
     port = free_port()
-    args = [
-        sys.executable, "-m", "app", "--checkpoint", str(artifact), "--port", str(port),
-        "--device", "cpu", "--precision", "fp32", "--max-batch-size", str(MAX_BATCH),
-        "--max-batch-delay-ms", "300", "--max-upload-bytes", str(MAX_UPLOAD),
-        "--graceful-shutdown-s", "60", "--read-timeout-s", str(READ_TIMEOUT_S),
-        "--log-level", "info",
-    ]  # fmt: skip
+    settings = {
+        "checkpoint": str(artifact), "device": "cpu", "precision": "fp32",
+        "max_batch_size": str(MAX_BATCH), "max_batch_delay_ms": "300",
+        "max_upload_bytes": str(MAX_UPLOAD), "graceful_shutdown_s": "60",
+        "read_timeout_s": str(READ_TIMEOUT_S), "log_level": "info",
+    }  # fmt: skip
+    if uvicorn_args is None:
+        args = [sys.executable, "-m", "app", "--port", str(port)]
+        for name, value in settings.items():
+            args += [f"--{name.replace('_', '-')}", value]
+        env = cli_env()
+    else:
+        args = [sys.executable, "-m", "uvicorn", *uvicorn_args, "--port", str(port)]
+        env = cli_env(**{f"APP_{name.upper()}": value for name, value in settings.items()})
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            args, cwd=ROOT, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     server = Server(process, f"http://127.0.0.1:{port}", port, log)

@@ -321,3 +321,29 @@ def test_a_second_ctrl_c_under_load_exits_without_aborting(artifact: Path, tmp_p
     output = server.output()
     assert code == 0, output[-3000:]
     assert "terminate called" not in output and "never retrieved" not in output, output[-3000:]
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["GuardedFromEnv", "uvicorn's own"])
+def test_plain_uvicorn_takes_the_guarded_protocol_by_class_path(
+    artifact: Path, tmp_path: Path, guarded: bool
+) -> None:
+    """`uvicorn --factory app.main:app_from_env --http app.protocol:GuardedFromEnv`, as README
+    says: the read timeout is APP_READ_TIMEOUT_S's. Without `--http`, a stalled head is never
+    answered (the case that shows the class is what makes the difference)."""
+    args = ["--factory", "app.main:app_from_env"]
+    if guarded:
+        args += ["--http", "app.protocol:GuardedFromEnv"]
+    server = start_server(artifact, tmp_path / "server.log", uvicorn_args=args)
+    try:
+        with connect(server) as slow_head:
+            slow_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            if guarded:
+                _assert_json_error(
+                    _answer_within(slow_head, READ_TIMEOUT_S + 5), 408, "request_timeout"
+                )
+            else:
+                with pytest.raises(TimeoutError):
+                    _answer_within(slow_head, READ_TIMEOUT_S + 2)
+    finally:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()

@@ -459,6 +459,29 @@ def test_a_stop_before_uvicorns_own_supervisor_ends_the_service(
     assert cli_up_to_uvicorn == []
 
 
+def test_uvicorns_own_supervisor_gets_the_guarded_protocol_by_class_path(
+    cli_up_to_uvicorn: list[tuple], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where SO_REUSEPORT is missing, `--workers N` ran uvicorn's own protocol: no limit on
+    request headers, and the rest of a body answered early (413) read for as long as it came."""
+    from uvicorn.importer import import_from_string
+
+    from app import protocol, workers
+
+    monkeypatch.setattr(workers, "supported", lambda: False)
+    monkeypatch.setattr(workers, "note_stops", list)
+    assert main(["--checkpoint", "weights", "--workers", "2", "--read-timeout-s", "3"]) == 0
+    [(target, kwargs)] = cli_up_to_uvicorn
+    assert target == "app.main:worker_app_from_env" and kwargs["workers"] == 2
+    guarded = import_from_string(kwargs["http"])  # a path: uvicorn pickles it for each worker
+    assert issubclass(guarded, protocol.GuardedHttpToolsProtocol)
+    protocol._read_timeout_from_env.cache_clear()
+    try:
+        assert protocol._read_timeout_from_env() == 3.0  # from APP_*, as the workers see them
+    finally:
+        protocol._read_timeout_from_env.cache_clear()
+
+
 def test_one_process_serves_the_app_built_before_uvicorn_unless_stopped(
     cli_up_to_uvicorn: list[tuple], monkeypatch: pytest.MonkeyPatch
 ) -> None:
