@@ -303,6 +303,18 @@ def _predict(client: Client, images: list[Path], top_k: int) -> int:
     return 1 if failed else 0
 
 
+def _no_answer(url: str, exc: httpx.HTTPError) -> str:
+    """Why nothing came back: no connection at all, or a server that took the requests and
+    did not answer them (timed out, or closed the connection), which 'is it running?' misled."""
+    detail = str(exc) or type(exc).__name__  # httpx's timeouts may carry no message
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return f"cannot reach {url} ({detail}); is the server running?"
+    return (
+        f"no answer from {url} ({detail}); the server took the requests but answered none: "
+        "see its log (overloaded, or stopped?)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except httpx.HTTPError as exc:
-        print(f"error: cannot reach {args.url} ({exc}); is the server running?", file=sys.stderr)
+        print(f"error: {_no_answer(args.url, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: asyncio has cancelled the requests; no traceback
         return 130

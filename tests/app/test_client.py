@@ -96,6 +96,38 @@ def test_cli_without_a_server_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(result, "cannot reach")
 
 
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_uploads_that_get_no_answer_do_not_say_the_server_is_unreachable(
+    test_tree: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """The server took every upload (for `evaluate`, it even answered /model) and answered
+    none: 'cannot reach ...; is the server running?' sent the user looking in the wrong place."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/model":
+            return httpx.Response(200, json={"classes": CLASSES})
+        raise httpx.ReadTimeout("", request=request)  # httpx's own: no message
+
+    monkeypatch.setattr(
+        client_module,
+        "Client",
+        lambda url, key: Client(url, key, transport=httpx.MockTransport(handler)),
+    )
+    url = "http://127.0.0.1:9"
+    if command == "predict":
+        args = ["predict", str(next(test_tree.glob("test/*/*.jpg")))]
+    else:
+        args = ["evaluate", "--data-dir", str(test_tree)]
+    assert main([*args, "--url", url]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: no answer from {url} (ReadTimeout); the server took the requests but answered "
+        "none: see its log (overloaded, or stopped?)"
+    ]
+
+
 def test_the_api_key_is_sent_and_busy_answers_are_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
