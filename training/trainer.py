@@ -261,6 +261,18 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
     return out_dir
 
 
+def _stop_on_rank_0s_verdict(problem: str | None, dist_info: Distributed) -> None:
+    """UserError(problem) on every rank when rank 0, which alone checks and locks the run
+    folder, found one: the other ranks used to train on and die with a gloo traceback once rank
+    0 had left. Every rank must call it at the same point."""
+    if dist_info.enabled:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise UserError(problem)
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -312,9 +324,16 @@ def _train(
     # best.pt is an epoch ahead of last.pt, which was reported as a fault). The lock itself is
     # taken below, once the folder is settled.
     busy = resume.parent if resume is not None else cfg.out_dir
-    if busy is not None and busy.is_dir() and not dist_info.enabled:
-        with run_lock(busy, resuming=resume is not None):
-            pass
+    problem: str | None = None
+    if busy is not None and busy.is_dir() and dist_info.is_main:
+        try:
+            with run_lock(busy, resuming=resume is not None):
+                pass
+        except UserError as exc:
+            problem = str(exc)
+    _stop_on_rank_0s_verdict(problem, dist_info)
+    # The resume's warnings once per job, not once per process (the others log warnings too).
+    warn = log.warning if dist_info.is_main else log.info
     if resume is not None:
         resumed_file = _file_identity(resume)  # before reading it: see the lock below
         ckpt = load_checkpoint(resume)
@@ -363,7 +382,7 @@ def _train(
         if lost is not None and best_epoch == ckpt["epoch"]:
             # The best epoch is last.pt's own: its weights are best.pt's, and nothing is lost.
             # best.pt is rebuilt from them below (as --restart-best does), the record kept.
-            log.warning(
+            warn(
                 "%s; it held the weights of epoch %d, which %s holds too: rebuilding it from them",
                 f"{best_file} is missing" if lost == "missing" else lost.rstrip("."),
                 best_epoch, resume.name,
@@ -372,7 +391,7 @@ def _train(
         elif restart_best:
             # last.pt's own weights are the best known from here on: best.pt is rewritten from
             # them below, so a stop before the next epoch still leaves a run that resumes.
-            log.warning(
+            warn(
                 "--restart-best: the best-validation weights of epoch %d are lost; best.pt will "
                 "hold the best of epochs %d-%d", best_epoch, ckpt["epoch"], cfg.epochs,
             )  # fmt: skip
@@ -397,7 +416,7 @@ def _train(
             # best.pt is written before last.pt, so a run stopped between the two writes has a
             # best.pt one epoch ahead of last.pt's record (versions before 2026-11-27 wrote them
             # the other way round: it could lag). The record follows what the file holds.
-            log.warning(
+            warn(
                 "best.pt holds epoch %d, last.pt records epoch %d as the best: keeping best.pt's",
                 on_disk["epoch"], best_epoch,
             )  # fmt: skip
@@ -548,7 +567,6 @@ def _train(
 
     out_dir = _choose_out_dir(cfg, resume, dist_info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    problem: str | None = None
     if dist_info.is_main:
         try:
             _check_writable(out_dir)  # now, not after the first epoch has trained
@@ -563,12 +581,7 @@ def _train(
                 )
         except UserError as exc:
             problem = str(exc)
-    if dist_info.enabled:  # every rank stops on rank 0's verdict, not later on a vanished peer
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
-    if problem is not None:
-        raise UserError(problem)
+    _stop_on_rank_0s_verdict(problem, dist_info)
     if dist_info.is_main:
         # A killed process's half-written checkpoints: safe to remove, as no other process
         # writes here while we hold the lock.

@@ -262,8 +262,38 @@ def test_early_sgd_is_refused_under_torchrun(
         "init_distributed",
         lambda device: (Distributed(rank=0, world_size=2), torch.device("cpu")),
     )
+    monkeypatch.setattr(trainer_module.dist, "broadcast_object_list", lambda box, src: None)
     with pytest.raises(UserError, match=r"^--early-sgd is for one process; drop it under torchrun"):
         train(tiny_config("seed", image_tree, run_dir, epochs=1, early_sgd=True))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_only_rank_0_warns_of_a_resume_fault(
+    image_tree: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    rank: int,
+) -> None:
+    """Every rank logs warnings: each printed the same resume warning, once per process."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    (run_dir / "best.pt").unlink()  # its epoch is last.pt's: rebuilt, with a warning
+    monkeypatch.setattr(
+        trainer_module,
+        "init_distributed",
+        lambda device: (Distributed(rank=rank, world_size=2), torch.device("cpu")),
+    )
+    verdicts: list[list[object]] = []  # rank 0's verdict, as the other ranks get it
+    monkeypatch.setattr(
+        trainer_module.dist, "broadcast_object_list", lambda box, src: verdicts.append(box)
+    )
+    caplog.set_level(logging.WARNING, logger="training")
+    # --early-sgd is refused under torchrun, once the checkpoint is read: the run stops there.
+    with pytest.raises(UserError, match=r"^--early-sgd is for one process"):
+        train(replace(config, early_sgd=True), resume=run_dir / "last.pt", explicit={"early_sgd"})
+    rebuilding = [r for r in caplog.records if "rebuilding it from them" in r.getMessage()]
+    assert len(rebuilding) == (1 if rank == 0 else 0)
+    assert verdicts == [[None]]  # the folder is free: checked once, before the files are read
 
 
 def stopped_after_epoch_1(image_tree: Path, run_dir: Path, epochs: int) -> TrainConfig:
