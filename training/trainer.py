@@ -377,9 +377,20 @@ def _train(
                 on_disk = dict(load_checkpoint(best_file)["best"])
             except CheckpointError as exc:
                 lost = str(exc)
-        if restart_best and lost is None:  # it would replace the run's best weights for nothing
+        behind = on_disk is not None and int(on_disk["epoch"]) < best_epoch == ckpt["epoch"]
+        if restart_best and lost is None and not behind:  # it would replace good weights
             raise UserError(f"{best_file} is fine; resume without --restart-best")
-        if lost is not None and best_epoch == ckpt["epoch"]:
+        if behind:
+            # Versions before 2026-11-27 wrote last.pt first: a run stopped between the two
+            # writes left best.pt an epoch behind a best epoch that is last.pt's own. The best
+            # weights are last.pt's: best.pt is rebuilt from them below, the record kept.
+            warn(
+                "best.pt holds epoch %d, behind the best epoch %d that %s records and holds: "
+                "rebuilding it from %s",
+                on_disk["epoch"], best_epoch, resume.name, resume.name,
+            )  # fmt: skip
+            restart_best = True
+        elif lost is not None and best_epoch == ckpt["epoch"]:
             # The best epoch is last.pt's own: its weights are best.pt's, and nothing is lost.
             # best.pt is rebuilt from them below (as --restart-best does), the record kept.
             warn(
@@ -414,8 +425,9 @@ def _train(
             )
         elif on_disk is not None and int(on_disk["epoch"]) != best_epoch:
             # best.pt is written before last.pt, so a run stopped between the two writes has a
-            # best.pt one epoch ahead of last.pt's record (versions before 2026-11-27 wrote them
-            # the other way round: it could lag). The record follows what the file holds.
+            # best.pt one epoch ahead of last.pt's record (or, written by versions before
+            # 2026-11-27, behind a best epoch before last.pt's, whose weights are gone). The
+            # record follows what the file holds.
             warn(
                 "best.pt holds epoch %d, last.pt records epoch %d as the best: keeping best.pt's",
                 on_disk["epoch"], best_epoch,

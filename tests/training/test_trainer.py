@@ -621,27 +621,47 @@ def test_a_resume_brings_metrics_jsonl_up_to_last_pt(image_tree: Path, run_dir: 
 def test_resume_keeps_the_best_record_to_what_best_pt_holds(
     image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A last.pt whose best-epoch record best.pt does not hold (a run stopped between the two
-    writes by versions that wrote last.pt first): the record follows the file."""
-    config = tiny_config("seed", image_tree, run_dir, epochs=3)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, hooks=Interrupt(epoch=2).hooks())
-    last = load_checkpoint(run_dir / "last.pt")
-    held = load_checkpoint(run_dir / "best.pt")
-    last["best"] = {"epoch": 2, "val_acc": 101.0}  # a record best.pt does not hold
-    if held["best"]["epoch"] == 2:  # make best.pt the lagging one: epoch 1's record
-        held["best"] = {"epoch": 1, "val_acc": last["metrics"][0]["val_acc"]}
-        held["epoch"] = 1
-        save_atomic(held, run_dir / "best.pt")
-    save_atomic(last, run_dir / "last.pt")
+    """A best.pt an epoch ahead of last.pt's best-epoch record (a run stopped between the two
+    writes: best.pt goes first): the record follows the file."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    ahead = load_checkpoint(run_dir / "best.pt")
+    ahead["best"] = {"epoch": 2, "val_acc": 101.0}  # as epoch 2's best.pt, before its last.pt
+    ahead["epoch"] = 2
+    save_atomic(ahead, run_dir / "best.pt")
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
-        result = train(config, resume=run_dir / "last.pt")
-    assert "keeping best.pt's" in caplog.text
-    summary = json.loads((run_dir / "summary.json").read_text())
-    final_best = load_checkpoint(run_dir / "best.pt")
-    assert summary["best"]["epoch"] == final_best["best"]["epoch"] == final_best["epoch"]
-    assert summary["best"]["val_acc"] < 101.0  # the fabricated record is gone
-    assert result.best_test == summary["best"]["test"]
+        train(config, resume=run_dir / "last.pt")
+    assert "best.pt holds epoch 2, last.pt records epoch 1 as the best: keeping best.pt's" in (
+        caplog.text
+    )
+    # Epoch 2, trained again, does not beat the record best.pt holds: best.pt stays.
+    assert load_checkpoint(run_dir / "best.pt")["best"] == {"epoch": 2, "val_acc": 101.0}
+    assert json.loads((run_dir / "summary.json").read_text())["best"]["epoch"] == 2
+
+
+def test_a_best_pt_behind_a_best_epoch_that_is_last_pts_is_rebuilt_from_it(
+    image_tree: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Versions before 2026-11-27 wrote last.pt first: stopped between the writes, last.pt
+    records its own epoch as the best and best.pt still holds an earlier one. The resume
+    followed best.pt's record, and the best epoch's weights (last.pt's) were never kept."""
+    config = stopped_after_epoch_1(image_tree, run_dir, epochs=3)
+    earlier = (run_dir / "best.pt").read_bytes()  # epoch 1's
+    with pytest.raises(KeyboardInterrupt):
+        train(config, resume=run_dir / "last.pt", hooks=Interrupt(epoch=2).hooks())
+    last = load_checkpoint(run_dir / "last.pt")
+    last["best"] = {"epoch": 2, "val_acc": 101.0}  # epoch 2 the best, whatever tiny runs give
+    save_atomic(last, run_dir / "last.pt")
+    (run_dir / "best.pt").write_bytes(earlier)
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        train(config, resume=run_dir / "last.pt")
+    assert (
+        "best.pt holds epoch 1, behind the best epoch 2 that last.pt records and holds: "
+        "rebuilding it from last.pt" in caplog.text
+    )
+    best = load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == 2 and best["best"] == {"epoch": 2, "val_acc": 101.0}
+    for name, tensor in best["model"]["state_dict"].items():
+        assert torch.equal(tensor, last["model"]["state_dict"][name]), name
 
 
 def test_resume_removes_half_written_checkpoints_of_a_killed_process(
