@@ -145,6 +145,28 @@ def _deaf_to_stops() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM inside the block take effect at its end: the epoch's best.pt and
+    last.pt are queued together. A stop between the two used to leave a first epoch's best.pt
+    without a last.pt: nothing to resume, and a folder the same command then refused."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: noted.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if noted:
+        signal.raise_signal(noted[0])  # to the handler it would have reached (or ignored)
+
+
 RUN_FILES = ("best.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
 
 
@@ -746,28 +768,29 @@ def _train(
                 "val_s": val_s,
             }
             if dist_info.is_main and writer is not None:
-                state = to_cpu(model.state_dict(), non_blocking=True)
-                is_best = m["val_acc"] > best["val_acc"]
-                if is_best:
-                    best = {**best, "epoch": epoch + 1, "val_acc": m["val_acc"]}
-                    best_state = state
-                m["epoch_s"] = time.perf_counter() - t_epoch
-                m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-                metrics.append(m)
-                ready = copies_done()
-                # best.pt first: last.pt records the best epoch, so a run stopped between the
-                # two writes never resumes with a record that best.pt does not hold yet.
-                if is_best:
-                    writer.submit(checkpoint(epoch + 1, state, False, None), best_path, ready)
-                # metrics.jsonl follows last.pt onto the disk, never ahead of it: a run stopped
-                # between the two shows no epoch that a resume would train again.
-                write_lines = partial(
-                    report.write_metrics, out_dir / "metrics.jsonl", list(metrics)
-                )
-                writer.submit(
-                    checkpoint(epoch + 1, state, True, None), last_path, ready, write_lines
-                )
-                log.info(report.epoch_line(m, cfg.epochs))
+                with _stops_deferred():  # best.pt and last.pt queued together
+                    state = to_cpu(model.state_dict(), non_blocking=True)
+                    is_best = m["val_acc"] > best["val_acc"]
+                    if is_best:
+                        best = {**best, "epoch": epoch + 1, "val_acc": m["val_acc"]}
+                        best_state = state
+                    m["epoch_s"] = time.perf_counter() - t_epoch
+                    m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                    metrics.append(m)
+                    ready = copies_done()
+                    # best.pt first: last.pt records the best epoch, so a run stopped between
+                    # the two writes never resumes with a record that best.pt does not hold yet.
+                    if is_best:
+                        writer.submit(checkpoint(epoch + 1, state, False, None), best_path, ready)
+                    # metrics.jsonl follows last.pt onto the disk, never ahead of it: a run
+                    # stopped between the two shows no epoch that a resume would train again.
+                    write_lines = partial(
+                        report.write_metrics, out_dir / "metrics.jsonl", list(metrics)
+                    )
+                    writer.submit(
+                        checkpoint(epoch + 1, state, True, None), last_path, ready, write_lines
+                    )
+                    log.info(report.epoch_line(m, cfg.epochs))
             else:
                 m["epoch_s"] = time.perf_counter() - t_epoch
                 m["elapsed_s"] = elapsed_before + time.perf_counter() - t_start

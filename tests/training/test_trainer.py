@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
@@ -662,6 +663,36 @@ def test_a_best_pt_behind_a_best_epoch_that_is_last_pts_is_rebuilt_from_it(
     assert best["epoch"] == 2 and best["best"] == {"epoch": 2, "val_acc": 101.0}
     for name, tensor in best["model"]["state_dict"].items():
         assert torch.equal(tensor, last["model"]["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_while_an_epochs_checkpoints_are_queued_leaves_both(
+    image_tree: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch, sig: int
+) -> None:
+    """A stop that came after best.pt was queued and before last.pt was: the first epoch's
+    best.pt stayed alone ('nothing to resume'), and the same command then refused the folder."""
+    real = trainer_module.to_cpu
+
+    def to_cpu(tree: Any, **kwargs: Any) -> Any:
+        if isinstance(tree, dict) and "param_groups" in tree:  # last.pt's optimizer snapshot
+            signal.raise_signal(sig)
+        return real(tree, **kwargs)
+
+    class Stopped(KeyboardInterrupt):
+        pass
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Stopped  # as python -m training.run's SIGTERM handler does
+
+    monkeypatch.setattr(trainer_module, "to_cpu", to_cpu)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config("seed", image_tree, run_dir, epochs=2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 1
 
 
 def test_resume_removes_half_written_checkpoints_of_a_killed_process(
