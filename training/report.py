@@ -175,7 +175,9 @@ def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], t
                 " ".join(absent),
             )
         with (
-            matplotlib.rc_context({"font.family": families}),
+            # Class names are text: '$' in a folder name started matplotlib's math mode, which
+            # drew 'US$ vs CA$' in italics and raised on 'cost$_$' (the run never finished).
+            matplotlib.rc_context({"font.family": families, "text.parse_math": False}),
             warnings.catch_warnings(),  # one warning above, not one per character
         ):
             warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)

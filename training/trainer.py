@@ -283,6 +283,28 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
     return out_dir
 
 
+def _draw_figures(figures: dict[str, Callable[[Path], None]], out_dir: Path) -> list[str]:
+    """Draw each figure into out_dir; the names of those drawn. A figure that matplotlib fails
+    to draw is a warning: it raised after the test evaluation, before summary.json and the
+    final last.pt, so the run could never finish (a resume drew it again, and failed again).
+    A full or read-only disk (OSError) still stops the run, which says so."""
+    drawn = []
+    for name, draw in figures.items():
+        try:
+            draw(out_dir / name)
+        except OSError:
+            raise
+        except Exception as exc:
+            detail = (str(exc).splitlines() or [""])[0]
+            log.warning(
+                "%s not drawn (%s: %s); the run's results are in summary.json",
+                name, type(exc).__name__, detail,
+            )  # fmt: skip
+            continue
+        drawn.append(name)
+    return drawn
+
+
 def _stop_on_rank_0s_verdict(problem: str | None, dist_info: Distributed) -> None:
     """UserError(problem) on every rank when rank 0, which alone checks and locks the run
     folder, found one: the other ranks used to train on and die with a gloo traceback once rank
@@ -827,11 +849,12 @@ def _train(
             _count(cfg.epochs - start_epoch, "epoch"), train_seconds,
         )  # fmt: skip
         title = f"AlexNet, recipe {cfg.recipe}"
-        report.plot_curves(out_dir / "curves.png", metrics, title)
-        report.plot_confusion(
-            out_dir / "confusion.png", test["confusion"], data.classes,
-            f"{title}: test {test['accuracy']:.2f}%",
-        )  # fmt: skip
+        drawn = _draw_figures({
+            "curves.png": lambda path: report.plot_curves(path, metrics, title),
+            "confusion.png": lambda path: report.plot_confusion(
+                path, test["confusion"], data.classes, f"{title}: test {test['accuracy']:.2f}%"
+            ),
+        }, out_dir)  # fmt: skip
         summary = {
             "recipe": cfg.recipe,
             "config": cfg.to_dict(),
@@ -856,8 +879,8 @@ def _train(
         final_queued = True
         writer.close()
         log.info(
-            "wrote %s, %s, metrics.jsonl, summary.json, curves.png, confusion.png",
-            last_path, best_path,
+            "wrote %s, %s, metrics.jsonl, summary.json%s",
+            last_path, best_path, "".join(f", {name}" for name in drawn),
         )  # fmt: skip
         return RunResult(out_dir, last_path, best_path, metrics, test, best_test, train_seconds)
 

@@ -49,6 +49,23 @@ def test_confusion_matrix_is_not_cut_off(tmp_path: Path, classes: list[str]) -> 
     assert not _ink_on_the_border(path)
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'$' started matplotlib's math mode: 'US$ vs CA$' came out in italics, and 'cost$_$'
+    raised (after the test evaluation: the run could never finish)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    classes = ["cost$_$", "US$ vs CA$", "$$"]
+    plot_confusion(tmp_path / "confusion.png", [[1, 0, 0], [0, 1, 0], [0, 0, 1]], classes, "$t$")
+    (ax,) = figures[0].axes
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [label.get_text() for label in labels] == classes
+        assert not any(label.get_parse_math() for label in labels)
+
+
 def _luminance(rgba: tuple[float, ...]) -> float:
     r, g, b = rgba[:3]
     return 0.2126 * r + 0.7152 * g + 0.0722 * b

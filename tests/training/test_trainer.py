@@ -695,6 +695,30 @@ def test_a_stop_while_an_epochs_checkpoints_are_queued_leaves_both(
     assert load_checkpoint(run_dir / "best.pt")["epoch"] == 1
 
 
+def test_a_figure_matplotlib_fails_to_draw_does_not_stop_the_run(
+    image_tree: Path,
+    run_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It raised after the test evaluation, before summary.json and the final last.pt: the run
+    could never finish, as a resume drew it again."""
+
+    def fail(*args: Any) -> None:
+        raise ValueError("Unknown symbol: \\foo\n  at line 1")
+
+    monkeypatch.setattr(trainer_module.report, "plot_confusion", fail)
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        result = train(tiny_config("seed", image_tree, run_dir, epochs=1))
+    assert load_checkpoint(run_dir / "last.pt")["test"] == result.test
+    assert (run_dir / "summary.json").is_file() and (run_dir / "curves.png").is_file()
+    assert not (run_dir / "confusion.png").exists()
+    assert (
+        "confusion.png not drawn (ValueError: Unknown symbol: \\foo); the run's results are in "
+        "summary.json" in caplog.text
+    )
+
+
 def test_resume_removes_half_written_checkpoints_of_a_killed_process(
     image_tree: Path, run_dir: Path
 ) -> None:
