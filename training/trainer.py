@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -250,9 +251,16 @@ def _new_run_folder(base: Path) -> Path:
 def _refuse_a_used_out_dir(out_dir: Path) -> None:
     """UserError if a new run's --out-dir holds another run's files. Checked before the data
     is decoded (minutes for a large set) and again after, when the folder is taken."""
-    if (out_dir / "last.pt").exists():
+    last = out_dir / "last.pt"
+    if last.exists():
+        try:
+            finished = load_checkpoint(last).get("test") is not None
+        except CheckpointError:
+            finished = False  # a resume says what is wrong with it
+        if finished:  # "continue it with --resume" led to "nothing to resume"
+            raise UserError(f"{out_dir} already holds a finished run; choose another --out-dir")
         raise UserError(
-            f"{out_dir} already holds a run; continue it with --resume {out_dir / 'last.pt'} "
+            f"{out_dir} already holds a run; continue it with --resume {shlex.quote(str(last))} "
             "or choose another --out-dir"
         )
     written = [n for n in RUN_FILES if (out_dir / n).exists()]
@@ -723,7 +731,7 @@ def _train(
                 # Absolute: the command works from any folder (runs/... was relative to this one).
                 log.warning(
                     "stopped; continue with: python -m training.run --resume %s",
-                    last_path.absolute(),
+                    shlex.quote(str(last_path.absolute())),  # a command to paste, spaces and all
                 )
             elif isinstance(exc, KeyboardInterrupt):
                 log.warning("stopped before the first epoch ended: nothing to resume")

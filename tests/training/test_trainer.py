@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 from collections.abc import Iterator
@@ -845,6 +846,35 @@ def test_an_out_dir_that_cannot_be_used_is_refused_before_decoding(
         ):
             train(tiny_config("seed", image_tree, out, epochs=1))
     assert (used / "last.pt").read_bytes() == b"another run" and not (tmp_path / "gone").exists()
+
+
+def test_the_commands_a_stopped_run_suggests_work_when_pasted(
+    image_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run folder with a space in its path: the suggested --resume split in two when pasted.
+    And a finished run's folder suggested a resume that only said 'nothing to resume'."""
+    out = tmp_path / "my run"
+    config = tiny_config("seed", image_tree, out, epochs=2)
+    with (
+        caplog.at_level(logging.WARNING, logger="training.trainer"),
+        pytest.raises(KeyboardInterrupt),
+    ):
+        train(config, hooks=Interrupt(epoch=1).hooks())
+    [line] = [r.getMessage() for r in caplog.records if "continue with" in r.getMessage()]
+    command = shlex.split(line.partition("continue with: ")[2])
+    assert command == ["python", "-m", "training.run", "--resume", str(out / "last.pt")]
+    with pytest.raises(UserError) as used:
+        train(config)
+    hint = (
+        str(used.value)
+        .partition("continue it with ")[2]
+        .removesuffix(" or choose another --out-dir")
+    )
+    assert shlex.split(hint) == ["--resume", str(out / "last.pt")]
+    train(config, resume=out / "last.pt")  # finishes the run
+    with pytest.raises(UserError) as finished:
+        train(config)
+    assert str(finished.value) == f"{out} already holds a finished run; choose another --out-dir"
 
 
 def test_a_read_only_out_dir_is_refused_before_decoding_and_not_created(
