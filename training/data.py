@@ -147,6 +147,17 @@ def _leave_stops_to_the_parent() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to each of the pool's workers (their default action: a silent exit)."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+
+
 def decode_images(
     paths: Sequence[Path], size: int, while_decoding: Callable[[], None] | None = None
 ) -> torch.Tensor:
@@ -177,8 +188,12 @@ def decode_images(
             if while_decoding is not None:
                 while_decoding()
             parts = list(results)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # an error or Ctrl-C: stop, do not decode on
+        except BaseException:  # an error or Ctrl-C: stop, do not decode on
+            # shutdown cancels the queued chunks but waits for the running ones, up to
+            # DECODE_CHUNK images each: seconds of silence after Ctrl-C for large photos. So the
+            # workers are ended too (the public way, terminate_workers, is Python 3.14's).
+            _end_workers(pool)
+            pool.shutdown(cancel_futures=True)
             raise
     _refuse_unreadable([f for _, chunk_failed in parts for f in chunk_failed])
     return torch.from_numpy(np.concatenate([images for images, _ in parts]))

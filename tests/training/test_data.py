@@ -14,6 +14,7 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -538,6 +539,46 @@ def test_an_error_while_decoding_stops_the_workers_and_propagates(
     assert not multiprocessing.active_children()
     ran = len(list((tmp_path / "data" / "marks").iterdir()))
     assert 0 < ran < 1200  # the queued tasks were cancelled, not decoded before raising
+
+
+def _decode_slowly(paths: Sequence[Path], size: int) -> Any:
+    """A decoding task as long as a chunk of large photos: marks its start and its end."""
+    marks = paths[0].parent.parent.parent / "marks"
+    (marks / f"start-{os.getpid()}-{time.monotonic_ns()}").touch()
+    time.sleep(3)
+    (marks / f"end-{os.getpid()}-{time.monotonic_ns()}").touch()
+    return _decode_chunk(paths, size)
+
+
+def test_ctrl_c_while_decoding_ends_the_chunks_in_progress_too(
+    tmp_path: Path,
+    tree_factory: TreeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The queued chunks were cancelled, but the running ones decoded to their end: with
+    1,000 large photos a chunk, Ctrl-C took effect seconds to minutes later, without a word."""
+    root = tree_factory(tmp_path / "data", n_train=4, n_test=1, formats=(".png",))
+    marks = tmp_path / "data" / "marks"
+    marks.mkdir()
+    paths, _, _ = list_image_folder(root / "train")
+    monkeypatch.setattr(data_module, "DECODE_CHUNK", 3)
+    monkeypatch.setattr(data_module, "_decode_chunk", _decode_slowly)  # forked workers see it
+    if data_module.available_cpus() == 1:
+        pytest.skip("one CPU: no decoding workers")
+
+    def ctrl_c_once_they_decode() -> None:
+        while not any(marks.iterdir()):
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        decode_images(paths, 32, ctrl_c_once_they_decode)
+    assert not multiprocessing.active_children()
+    names = [p.name for p in marks.iterdir()]
+    assert any(n.startswith("start-") for n in names)
+    assert not any(n.startswith("end-") for n in names), names  # ended mid-chunk
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
