@@ -88,10 +88,19 @@ def list_image_folder(
 def _images_below(folder: Path, extensions: set[str]) -> Iterator[Path]:
     """The image files in `folder` and its subfolders, as torchvision's ImageFolder takes them
     (images in subfolders were left out without a word, and a class whose images were all in
-    subfolders "held no images"). Hidden files and folders (.DS_Store, macOS's ._ files) are
-    skipped; symlinked folders are not followed, so a link to a parent cannot loop."""
-    for parent, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    subfolders "held no images"), symlinked subfolders included (they were left out, unlike
+    ImageFolder). Hidden files and folders (.DS_Store, macOS's ._ files) are skipped, and so is
+    a link to a folder already walked or above this one, where ImageFolder loops forever."""
+    top = Path(os.path.realpath(folder))
+    walked: set[str] = set()
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in walked or (Path(real) in top.parents):
+            dirs[:] = []
+            continue
+        walked.add(real)
+        # Sorted: of two ways to one folder, the same one is taken on every machine.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
             path = Path(parent, name)
             if not name.startswith(".") and path.suffix.lower() in extensions and path.is_file():

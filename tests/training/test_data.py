@@ -151,7 +151,8 @@ def test_image_folder_tree_in_mixed_formats(tmp_path: Path) -> None:
 def test_images_in_subfolders_of_a_class_are_its_images(tmp_path: Path) -> None:
     """As torchvision's ImageFolder takes them: they were left out without a word, and a class
     whose images were all in subfolders was refused as holding no images. Hidden folders stay
-    out, and a symlink to a folder above is not followed (it would loop)."""
+    out; a symlinked folder counts (as in ImageFolder), but not one to a folder above or one
+    already walked (ImageFolder loops forever on the first, counts twice the second)."""
     rng = np.random.default_rng(3)
     root = tmp_path / "data"
     for split in ("train", "test"):
@@ -162,14 +163,18 @@ def test_images_in_subfolders_of_a_class_are_its_images(tmp_path: Path) -> None:
         )
     write_image(root / "train" / "red" / ".thumbnails" / "t.png", class_image(1, rng))
     (root / "train" / "red" / "loop").symlink_to(root / "train", target_is_directory=True)
+    (root / "train" / "red" / "self").symlink_to(root / "train" / "red", target_is_directory=True)
+    (root / "train" / "red" / "again").symlink_to("phone", target_is_directory=True)
+    write_image(tmp_path / "more" / "d.png", class_image(CHANNEL["blue"], rng))
+    (root / "train" / "blue" / "more").symlink_to(tmp_path / "more", target_is_directory=True)
     paths, labels, classes = list_image_folder(root / "train")
     assert classes == ["blue", "red"]
-    assert [p.relative_to(root / "train").as_posix() for p in paths] == [
-        "blue/2024/06/c.png", "red/a.png", "red/phone/b.png"
-    ]  # fmt: skip
-    assert labels == [0, 1, 1]
+    names = [p.relative_to(root / "train").as_posix() for p in paths]
+    # red/again is red/phone, walked first (subfolders in name order).
+    assert names == ["blue/2024/06/c.png", "blue/more/d.png", "red/a.png", "red/again/b.png"]
+    assert labels == [0, 0, 1, 1]
     full, test, _ = load_image_folder(root)
-    assert len(full.images) == len(test.images) == 3
+    assert (len(full.images), len(test.images)) == (4, 3)
 
 
 def test_nested_single_top_folder_is_found(image_tree: Path, tmp_path: Path) -> None:
