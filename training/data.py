@@ -7,6 +7,7 @@ there. No DataLoader workers, no per-image Python in the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -101,10 +102,14 @@ def load_cifar10(root: Path) -> tuple[Split, Split, list[str]]:
     """The official CIFAR-10 through torchvision, downloaded into `root` on first use."""
     from torchvision.datasets import CIFAR10  # deferred: the app never needs it
 
+    existed = root.exists()
     try:
         train = CIFAR10(str(root), train=True, download=True)
         test = CIFAR10(str(root), train=False, download=True)
     except Exception as exc:  # URLError, socket errors, a corrupt partial download...
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: a partial download, kept
+                root.rmdir()  # offline, the attempt left an empty ./data behind
         raise UserError(
             f"could not download CIFAR-10 into {root} ({type(exc).__name__}: {exc}). "
             "Offline? Pass --data-dir DIR, an image-folder tree DIR/train/<class>/*, "

@@ -276,6 +276,11 @@ def test_offline_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     assert "URLError" in message and "no network in tests" in message
     assert str(tmp_path / "cifar") in message
     assert "\n" not in message
+    assert not (tmp_path / "cifar").exists()  # the attempt left an empty folder behind
+    (tmp_path / "cifar").mkdir()  # one the user made: kept
+    with pytest.raises(UserError):
+        load_data(None, tmp_path / "cifar", valid_size=0.1, split_seed=1)
+    assert (tmp_path / "cifar").is_dir()
 
 
 # ---- errors a user can fix --------------------------------------------------------------------
