@@ -168,6 +168,7 @@ def _stops_deferred() -> Iterator[None]:
         signal.raise_signal(noted[0])  # to the handler it would have reached (or ignored)
 
 
+RUNS = Path("runs")  # where a run without --out-dir gets its folder
 RUN_FILES = ("best.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
 
 
@@ -281,7 +282,7 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
         out_dir = cfg.out_dir
         _refuse_a_used_out_dir(out_dir)
     else:
-        out_dir = Path("runs") / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+        out_dir = RUNS / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
         if dist_info.is_main:  # the other ranks take rank 0's folder, below
             out_dir = _new_run_folder(out_dir)
     if dist_info.enabled:  # every rank must agree on one folder (timestamps may differ)
@@ -514,6 +515,9 @@ def _train(
     if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
         _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
         _check_creatable(out)  # a read-only disk, a parent that is a file
+    if resume is None and cfg.out_dir is None and not dist_info.enabled:
+        # The default folder's place: ./runs a file, or read-only (it was found after decoding).
+        _check_creatable(RUNS / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
 
     t_load = time.perf_counter()
     prep = Preprocessing()

@@ -895,6 +895,22 @@ def test_a_read_only_out_dir_is_refused_before_decoding_and_not_created(
     assert not (tmp_path / "mnt").exists()
 
 
+def test_a_default_run_folder_that_cannot_be_made_is_refused_before_decoding(
+    image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --out-dir the run's folder goes in ./runs: a file of that name was found only
+    once the data was decoded (minutes for a large set)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("not a folder")
+    with (
+        patch.object(trainer_module, "load_data", side_effect=AssertionError("decoded")),
+        pytest.raises(
+            UserError, match=r"^cannot write to runs/seed-[0-9-]+: Not a directory; choose another"
+        ),
+    ):
+        train(replace(tiny_config("seed", image_tree, tmp_path, epochs=1), out_dir=None))
+
+
 def test_a_resume_whose_data_folder_moved_says_to_pass_data_dir(
     tree_factory: Any, run_dir: Path, tmp_path: Path
 ) -> None:
