@@ -52,10 +52,11 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def blank_api_key_flag(args: list[str]) -> bool:
-    """Whether --api-key was given a blank value: `--api-key "$KEY"` with KEY unset would
-    otherwise serve with no key at all. (A blank APP_API_KEY stays 'no key': docker-compose.yml
-    passes an empty one when none is set.)"""
+def unusable_api_key_flag(args: list[str]) -> str | None:
+    """What is wrong with an --api-key value that would leave the service open, if anything:
+    `--api-key "$KEY"` with KEY unset is blank, and the command line reads `null` (what
+    `jq -r .key` prints for a missing key) as no key at all. (A blank APP_API_KEY stays 'no
+    key': docker-compose.yml passes an empty one when none is set.)"""
     for i, arg in enumerate(args):
         if arg == "--":
             break
@@ -63,16 +64,17 @@ def blank_api_key_flag(args: list[str]) -> bool:
         if arg.startswith("--api-key="):
             value = arg.partition("=")[2]
         if value is not None and not value.strip():
-            return True
-    return False
+            return "--api-key is blank (an unset shell variable?)"
+        if value is not None and value.strip() == "null":
+            return "--api-key is null, which the command line reads as no key (a missing value?)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if blank_api_key_flag(args):
+    if problem := unusable_api_key_flag(args):
         print(
-            "error: --api-key is blank (an unset shell variable?); give the key, or leave the "
-            "flag out to serve without one",
+            f"error: {problem}; give the key, or leave the flag out to serve without one",
             file=sys.stderr,
         )
         return 2

@@ -106,7 +106,10 @@ class Settings(BaseSettings):
         30.0,
         "on SIGTERM, time allowed for in-flight requests",
         ge=0,
-        allow_inf_nan=False,  # inf crashed the start-up (uvicorn takes whole seconds)
+        # A day at most: beyond threading's and multiprocessing's timeouts (9.2e9 s, 2.1e6 s),
+        # the shutdown crashed with an OverflowError; inf crashed the start-up.
+        le=86400,
+        allow_inf_nan=False,
     )
 
     @field_validator("device")

@@ -121,6 +121,8 @@ def test_device_spellings(device: str) -> None:
         {"request_timeout_s": float("inf")},
         {"graceful_shutdown_s": float("inf")},  # crashed the start-up
         {"graceful_shutdown_s": float("nan")},
+        {"graceful_shutdown_s": 1e7},  # the workers' supervisor crashed on SIGTERM (join)
+        {"graceful_shutdown_s": 1e10},  # one process crashed on SIGTERM (Thread.join)
         {"api_key": "clé €"},  # no client can send it: header values are read as Latin-1
         {"max_upload_bytes": 10},
         {"max_batch_delay_ms": -1},
@@ -250,13 +252,26 @@ def test_an_invalid_environment_variable_is_one_line(name: str, value: str) -> N
     assert_one_line_error(result, name, value)
 
 
-@pytest.mark.parametrize("args", [["--api-key", ""], ["--api-key=  "], ["--api-key", "\n"]])
-def test_a_blank_api_key_flag_is_refused(
-    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--api-key", ""], "--api-key is blank"),
+        (["--api-key=  "], "--api-key is blank"),
+        (["--api-key", "\n"], "--api-key is blank"),
+        (["--api-key", "null"], "--api-key is null, which the command line reads as no key"),
+        (["--api-key=null"], "--api-key is null, which the command line reads as no key"),
+    ],
+)
+def test_an_api_key_flag_that_would_mean_no_key_is_refused(
+    args: list[str],
+    problem: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`--api-key "$KEY"` with KEY unset would serve with no key at all."""
+    """`--api-key "$KEY"` with KEY unset would serve with no key at all; so would `null`, what
+    `jq -r .key` prints for a missing key (the command line reads it as None)."""
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("it served, with no key"))
-    expect_cli_error(args, capsys, "--api-key is blank", "leave the flag out")
+    expect_cli_error(args, capsys, problem, "leave the flag out")
 
 
 def test_an_unusable_api_key_is_one_line_that_does_not_echo_it() -> None:
