@@ -88,6 +88,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     # says nothing usable about the orientation; the pixels decode fine, and are kept as stored.
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image) or image
+    # A PNG tRNS chunk: one colour (grey level, RGB triple) or palette entries are transparent.
+    # PNG optimisers store an RGBA image with on/off alpha that way, so it is flattened onto
+    # white like alpha (it was kept as stored: black where the RGBA original showed white).
+    transparent = image.info.get("transparency")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit (or float) grayscale: PIL's convert("L") would clip at 255, so scale instead.
         array = np.asarray(image, dtype=np.float32)
@@ -98,9 +102,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
             scale = 1.0  # 8-bit values stored in a 32-bit container
         else:
             scale = 255.0 / 65535.0
-        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+        gray = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), mode="L")
+        if isinstance(transparent, int) and image.mode != "F":
+            alpha = np.where(array == transparent, 0, 255).astype(np.uint8)
+            image = Image.merge("LA", (gray, Image.fromarray(alpha, mode="L")))
+        else:
+            image = gray
+    elif transparent is not None and image.mode in ("P", "L", "RGB", "1"):
+        image = image.convert("RGBA")  # Pillow applies tRNS here
     if image.mode in _ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

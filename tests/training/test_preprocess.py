@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,6 +145,28 @@ def test_to_rgb_palette_with_transparency_goes_onto_white() -> None:
     with Image.open(buffer) as reopened:
         assert reopened.mode == "P"
         assert np.array_equal(_rgb(reopened), out)
+
+
+@pytest.mark.parametrize(
+    ("mode", "clear", "ink"),
+    [("RGB", (0, 0, 0), (200, 10, 10)), ("L", 0, 200), ("I;16", 0, 51400)],
+    ids=["rgb", "grey", "16-bit-grey"],
+)
+def test_a_png_transparent_colour_goes_onto_white_as_alpha_does(
+    mode: str, clear: Any, ink: Any
+) -> None:
+    """RGB, grey and 16-bit grey PNGs with a tRNS chunk (one colour transparent: how PNG
+    optimisers store an RGBA image whose alpha is all or nothing) were kept as stored, black
+    where the same picture as RGBA showed white."""
+    image = Image.new(mode, (4, 4), ink)
+    image.paste(clear, (0, 0, 4, 1))  # the top row: the transparent colour
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=clear)
+    with Image.open(buffer) as reopened:
+        assert reopened.info["transparency"] == clear
+        out = _rgb(reopened)
+    assert out[0].tolist() == [[255, 255, 255]] * 4  # the background shows
+    assert out[1:].reshape(-1, 3).tolist() == [list(_rgb(Image.new(mode, (1, 1), ink))[0, 0])] * 12
 
 
 def test_to_rgb_rgba_is_composited_onto_white() -> None:
