@@ -79,14 +79,29 @@ def _read(path: Path) -> bytes:
         raise UnreadableFile(path, exc.strerror or str(exc)) from None
 
 
-def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
+def _answer(response: httpx.Response, expect: str) -> dict[str, Any]:
+    """The JSON object answered, which has the key `expect`; APIError 'bad_response' for an
+    answer that is not this service's (a wrong port, a proxy's page: HTML with a 200 was taken
+    for a prediction, and evaluate ended in a KeyError traceback)."""
     try:
         body = response.json()
     except ValueError:
-        body = {"error": "bad_response", "detail": response.text[:200]}
-    if response.status_code >= 400:
-        raise APIError(response.status_code, body.get("error", "error"), body.get("detail", ""))
+        body = None
+    if not isinstance(body, dict) or expect not in body:
+        raise APIError(
+            response.status_code,
+            "bad_response",
+            f"not an answer of this service (is the URL right?): {response.text[:200]!r}",
+        )
     return body
+
+
+def _raise_for_error(response: httpx.Response, expect: str) -> dict[str, Any]:
+    """`_answer`, or APIError with the service's error code and detail for an error status."""
+    if response.status_code >= 400:
+        body = _answer(response, "error")
+        raise APIError(response.status_code, body["error"], body.get("detail", ""))
+    return _answer(response, expect)
 
 
 class Client:
@@ -115,11 +130,11 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         with self._client() as c:
-            return c.get("/health").json()
+            return _answer(c.get("/health"), "status")  # 503 while loading: its status too
 
     def model(self) -> dict[str, Any]:
         with self._client() as c:
-            return _raise_for_error(c.get("/model"))
+            return _raise_for_error(c.get("/model"), "classes")
 
     def predict(self, path: str | Path, top_k: int = 5) -> dict[str, Any]:
         """The prediction for one image file: label, class_id, confidence, top_k."""
@@ -128,7 +143,7 @@ class Client:
             response = c.post(
                 "/predict", params={"top_k": top_k}, files={"file": (path.name, path.read_bytes())}
             )
-        return _raise_for_error(response)
+        return _raise_for_error(response, "class_id")
 
     def predict_many(
         self, paths: Sequence[str | Path], top_k: int = 5, concurrency: int = 16
@@ -171,7 +186,7 @@ class Client:
                         # This file's alone: one failed transfer used to abort all the others.
                         return TransferFailed(path, exc)
                     try:
-                        return _raise_for_error(response)
+                        return _raise_for_error(response, "class_id")
                     except APIError as exc:
                         return exc
 
@@ -303,6 +318,26 @@ def _predict(client: Client, images: list[Path], top_k: int) -> int:
     return 1 if failed else 0
 
 
+def _bad_url(url: str) -> str | None:
+    """What is wrong with --url, found before anything is sent (httpx raised tracebacks)."""
+    if not url.startswith(("http://", "https://")):  # else: "cannot reach ... is it running?"
+        return f"--url {url} must start with http:// or https://"
+    try:
+        port = httpx.URL(url).port
+    except httpx.InvalidURL as exc:
+        return f"--url {url} is not a valid URL ({exc})"
+    if port is not None and not 0 < port < 65536:
+        return f"--url {url}: the port must be 1 to 65535"
+    return None
+
+
+def _bad_key(key: str | None) -> str | None:
+    """The server takes ASCII keys only (an HTTP header carries it); httpx raised a traceback."""
+    if key is not None and not key.isascii():
+        return "--api-key: use ASCII characters only (an HTTP header carries the key)"
+    return None
+
+
 def _no_answer(url: str, exc: httpx.HTTPError) -> str:
     """Why nothing came back: no connection at all, or a server that took the requests and
     did not answer them (timed out, or closed the connection), which 'is it running?' misled."""
@@ -349,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_eval.add_argument("--json-out", type=path_arg, help="write the full report here")
     args = parser.parse_args(argv)
-    if not args.url.startswith(("http://", "https://")):  # else: "cannot reach ... is it running?"
-        print(f"error: --url {args.url} must start with http:// or https://", file=sys.stderr)
+    if problem := _bad_url(args.url) or _bad_key(args.api_key):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     client = Client(args.url, args.api_key)
     try:

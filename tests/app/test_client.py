@@ -128,6 +128,54 @@ def test_uploads_that_get_no_answer_do_not_say_the_server_is_unreachable(
     ]
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--url", "http://[::1:8811"], "--url http://[::1:8811 is not a valid URL"),
+        (["--url", "http://127.0.0.1:99999"], "--url http://127.0.0.1:99999: the port must be"),
+        (["--api-key", "ключ"], "--api-key: use ASCII characters only"),
+    ],
+)
+def test_a_url_or_key_httpx_cannot_send_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """httpx raised them as tracebacks (InvalidURL, an OverflowError in an ExceptionGroup, a
+    UnicodeEncodeError), after the files were read."""
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg(seed=2))
+    assert main(["predict", str(image), *flags]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {message}"), line
+
+
+def test_answers_that_are_not_this_services_are_errors_not_predictions(
+    test_tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong port or a proxy's page answering 200 with HTML: predict printed an "error" line
+    and exited 0, evaluate ended in a KeyError traceback."""
+    pages: dict[str, httpx.Response] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return pages.get(request.url.path, httpx.Response(200, html="<h1>Sign in</h1>"))
+
+    monkeypatch.setattr(
+        client_module,
+        "Client",
+        lambda url, key: Client(url, key, transport=httpx.MockTransport(handler)),
+    )
+    image = str(next(test_tree.glob("test/*/*.jpg")))
+    assert main(["predict", image]) == 1
+    line = json.loads(capsys.readouterr().out)
+    assert "bad_response: not an answer of this service (is the URL right?)" in line["error"]
+    assert main(["evaluate", "--data-dir", str(test_tree)]) == 2
+    assert "bad_response: not an answer of this service" in capsys.readouterr().err
+    pages["/model"] = httpx.Response(200, json={"classes": CLASSES})  # only /predict is wrong
+    assert main(["evaluate", "--data-dir", str(test_tree)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("20 images over HTTP: 0.00% top-1, 20 errors")
+    assert "Traceback" not in captured.err
+
+
 def test_the_api_key_is_sent_and_busy_answers_are_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
