@@ -60,8 +60,9 @@ def unusable_api_key_flag(args: list[str]) -> str | None:
     for i, arg in enumerate(args):
         if arg == "--":
             break
-        value = args[i + 1] if arg == "--api-key" and i + 1 < len(args) else None
-        if arg.startswith("--api-key="):
+        flag = arg.lower()  # the command line takes --API-KEY too
+        value = args[i + 1] if flag == "--api-key" and i + 1 < len(args) else None
+        if flag.startswith("--api-key="):
             value = arg.partition("=")[2]
         if value is not None and not value.strip():
             return "--api-key is blank (an unset shell variable?)"

@@ -81,12 +81,18 @@ def _bind_all(host: str, port: int, options: list[tuple[int, int]]) -> Sockets:
     IPv6 addresses did not bind (nor did a port in use at a hostname's second address show).
     IPv6 sockets are IPv6 only, as asyncio makes them: the IPv4 address is bound on its own,
     and `--host ::` means the same with one process and with several. An address whose family
-    this machine lacks (EADDRNOTAVAIL) is left out, as asyncio does, unless it is the last."""
+    this machine lacks (no such socket, or EADDRNOTAVAIL: IPv6 turned off, while a blank host
+    always names `::` too) is left out, as asyncio does; its error is raised if no address is
+    left."""
     bound = Sockets()
+    missing: OSError | None = None
     try:
-        candidates = addresses(host, port)
-        for i, (family, sockaddr) in enumerate(candidates):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        for family, sockaddr in addresses(host, port):
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                missing = missing or exc
+                continue
             bound.append(sock)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -95,10 +101,12 @@ def _bind_all(host: str, port: int, options: list[tuple[int, int]]) -> Sockets:
             try:
                 sock.bind(sockaddr)
             except OSError as exc:
-                last = i == len(candidates) - 1
-                if exc.errno != errno.EADDRNOTAVAIL or (last and len(bound) == 1):
+                if exc.errno != errno.EADDRNOTAVAIL:
                     raise
+                missing = missing or exc
                 bound.pop().close()
+        if not bound and missing is not None:
+            raise missing
     except OSError:
         bound.close()
         raise

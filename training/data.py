@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,6 +130,8 @@ def _decode_chunk(paths: Sequence[Path], size: int) -> tuple[np.ndarray, list[tu
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     failed: list[tuple[Path, str]] = []
     for i, path in enumerate(paths):
+        if _stop is not None and _stop.is_set():
+            break  # the parent stopped the decoding and will not read this
         try:
             out[i] = load_image(path, size).numpy()
         except UnidentifiedImageError:  # its message repeats the path
@@ -139,6 +142,13 @@ def _decode_chunk(paths: Sequence[Path], size: int) -> tuple[np.ndarray, list[tu
 
 
 DECODE_CHUNK = 1000  # images per task of the decoding pool
+_stop: Any = None  # in a decoding worker: the pool's stop flag (a multiprocessing Event)
+
+
+def _start_worker(stop: Any) -> None:
+    global _stop
+    _stop = stop
+    _leave_stops_to_the_parent()
 
 
 def _leave_stops_to_the_parent() -> None:
@@ -150,17 +160,6 @@ def _leave_stops_to_the_parent() -> None:
     orphaned by a killed parent (the OOM killer) must still yield to `kill`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _end_workers(pool: ProcessPoolExecutor) -> None:
-    """SIGTERM to each of the pool's workers (their default action: a silent exit)."""
-    terminate = getattr(pool, "terminate_workers", None)
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        if process.is_alive():
-            process.terminate()
 
 
 def decode_images(
@@ -185,8 +184,9 @@ def decode_images(
     # fork: every worker starts at the first submit, before `while_decoding` may initialize
     # CUDA here, and they only run PIL and NumPy before exiting.
     context = multiprocessing.get_context("fork")
+    stop = context.Event()
     with ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_leave_stops_to_the_parent
+        max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(stop,)
     ) as pool:
         results = pool.map(_decode_chunk, chunks, [size] * len(chunks))  # all submitted now
         try:
@@ -195,9 +195,10 @@ def decode_images(
             parts = list(results)
         except BaseException:  # an error or Ctrl-C: stop, do not decode on
             # shutdown cancels the queued chunks but waits for the running ones, up to
-            # DECODE_CHUNK images each: seconds of silence after Ctrl-C for large photos. So the
-            # workers are ended too (the public way, terminate_workers, is Python 3.14's).
-            _end_workers(pool)
+            # DECODE_CHUNK images each: seconds of silence after Ctrl-C for large photos. The
+            # flag has them stop at their next image. (Not SIGTERM: a worker killed while it
+            # sent a result left the pool's reader waiting for the rest, for ever.)
+            stop.set()
             pool.shutdown(cancel_futures=True)
             raise
     _refuse_unreadable([f for _, chunk_failed in parts for f in chunk_failed])

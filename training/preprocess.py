@@ -92,6 +92,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     # PNG optimisers store an RGBA image with on/off alpha that way, so it is flattened onto
     # white like alpha (it was kept as stored: black where the RGBA original showed white).
     transparent = image.info.get("transparency")
+    if image.mode == "RGB" and isinstance(transparent, tuple) and max(transparent) > 255:
+        # A 16-bit RGB PNG's colour: Pillow reduces the pixels to 8 bits but compares them with
+        # its low bytes, which whitened other colours. Left unapplied (its pixels as stored).
+        transparent = None
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit (or float) grayscale: PIL's convert("L") would clip at 255, so scale instead.
         array = np.asarray(image, dtype=np.float32)

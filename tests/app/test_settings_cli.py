@@ -260,6 +260,8 @@ def test_an_invalid_environment_variable_is_one_line(name: str, value: str) -> N
         (["--api-key", "\n"], "--api-key is blank"),
         (["--api-key", "null"], "--api-key is null, which the command line reads as no key"),
         (["--api-key=null"], "--api-key is null, which the command line reads as no key"),
+        (["--API-KEY", "null"], "--api-key is null, which the command line reads as no key"),
+        (["--Api-Key="], "--api-key is blank"),
     ],
 )
 def test_an_api_key_flag_that_would_mean_no_key_is_refused(

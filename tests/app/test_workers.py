@@ -282,6 +282,18 @@ def test_the_workers_of_one_instance_share_its_port() -> None:
             sock.listen()
 
 
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this machine")
+
+
 def _resolving(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
     """Have `name` resolve to `ips` (as /etc/hosts would), whatever this machine's resolver says."""
     real = socket.getaddrinfo
@@ -299,6 +311,7 @@ def _resolving(monkeypatch: pytest.MonkeyPatch, name: str, *ips: str) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
+@needs_ipv6
 def test_a_hostname_with_only_an_ipv6_address_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its family was guessed from a ':' in the host: IPv4, and the name did not resolve."""
     _resolving(monkeypatch, "v6only.test", "::1")
@@ -311,6 +324,7 @@ def test_a_hostname_with_only_an_ipv6_address_is_served(monkeypatch: pytest.Monk
         assert [s.getsockname()[:2] for s in worker] == [("::1", port)]
 
 
+@needs_ipv6
 def test_a_port_taken_at_any_address_of_the_host_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -326,6 +340,7 @@ def test_a_port_taken_at_any_address_of_the_host_is_refused(
         assert sorted(s.family for s in hold) == [socket.AF_INET, socket.AF_INET6]
 
 
+@needs_ipv6
 def test_a_blank_host_binds_every_interface_of_both_families() -> None:
     """As one uvicorn process does; the IPv6 socket is IPv6 only, else it would hold the IPv4
     port too and the second bind would fail."""
@@ -334,6 +349,27 @@ def test_a_blank_host_binds_every_interface_of_both_families() -> None:
         assert sorted(s.getsockname()[0] for s in hold) == ["0.0.0.0", "::"]
         with pytest.raises(OSError):
             workers.check_port_free("127.0.0.1", port)
+
+
+def test_without_ipv6_the_ipv4_addresses_are_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without IPv6 (ipv6.disable=1) cannot make an IPv6 socket: a blank host, which
+    always names '::' too, failed whole (one uvicorn process leaves such an address out)."""
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    port = free_port()
+    workers.check_port_free("", port)
+    with workers.claim_port("", port) as hold:
+        assert [s.getsockname()[0] for s in hold] == ["0.0.0.0"]
+    _resolving(monkeypatch, "v6only.test", "::1")
+    with pytest.raises(OSError) as nothing_left:
+        workers.check_port_free("v6only.test", port)
+    assert nothing_left.value.errno == errno.EAFNOSUPPORT
 
 
 def test_a_port_left_in_time_wait_by_a_one_process_server_can_be_claimed() -> None:

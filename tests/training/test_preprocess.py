@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,34 @@ def test_a_png_transparent_colour_goes_onto_white_as_alpha_does(
         out = _rgb(reopened)
     assert out[0].tolist() == [[255, 255, 255]] * 4  # the background shows
     assert out[1:].reshape(-1, 3).tolist() == [list(_rgb(Image.new(mode, (1, 1), ink))[0, 0])] * 12
+
+
+def _png_16_bit_rgb(pixels: list[tuple[int, int, int]], transparent: tuple[int, int, int]) -> bytes:
+    """A one-row 16-bit RGB PNG with a tRNS colour, which Pillow cannot write."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\0" + b"".join(struct.pack(">HHH", *p) for p in pixels)
+    return b"".join([
+        b"\x89PNG\r\n\x1a\n",
+        chunk(b"IHDR", struct.pack(">IIBBBBB", len(pixels), 1, 16, 2, 0, 0, 0)),
+        chunk(b"tRNS", struct.pack(">HHH", *transparent)),
+        chunk(b"IDAT", zlib.compress(row)),
+        chunk(b"IEND", b""),
+    ])  # fmt: skip
+
+
+def test_a_16_bit_rgb_pngs_transparent_colour_whitens_no_other_colour() -> None:
+    """Pillow compares its 8-bit reduction of the pixels with the 16-bit colour's low bytes:
+    applied, a pixel of another colour went white (and the transparent one did not)."""
+    key = (0x1234, 0x5678, 0x9ABC)
+    data = _png_16_bit_rgb([key, (0x3400, 0x7800, 0xBC00)], key)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == "RGB" and image.info["transparency"] == key
+        out = _rgb(image)
+    assert out[0].tolist() == [[0x12, 0x56, 0x9A], [0x34, 0x78, 0xBC]]  # as stored
 
 
 def test_to_rgb_rgba_is_composited_onto_white() -> None:
