@@ -40,6 +40,7 @@ from training.data import Data, batch_slices, epoch_order, load_data
 from training.engine import Precision, TrainStep, evaluate
 from training.errors import UserError, refuse_a_dangling_link
 from training.folders import class_difference
+from training.interrupts import stops_held
 from training.model import AlexNet, AlexNetConfig, use_space_to_depth
 from training.preprocess import InputTransform, Preprocessing
 from training.recipes import TrainConfig
@@ -154,21 +155,19 @@ def _stops_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    noted: list[int] = []
-    previous = {
-        sig: signal.signal(sig, lambda signum, _: noted.append(signum))
-        for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
+    with stops_held() as stops:
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if noted:
-        signal.raise_signal(noted[0])  # to the handler it would have reached (or ignored)
+    if stops:
+        signal.raise_signal(stops[0])  # to the handler it would have reached
 
 
 RUNS = Path("runs")  # where a run without --out-dir gets its folder
+
+
+def _default_out_dir(cfg: TrainConfig) -> Path:
+    return RUNS / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 RUN_FILES = ("best.pt", "metrics.jsonl", "summary.json", "curves.png", "confusion.png")
 
 
@@ -282,7 +281,7 @@ def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distribute
         out_dir = cfg.out_dir
         _refuse_a_used_out_dir(out_dir)
     else:
-        out_dir = RUNS / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+        out_dir = _default_out_dir(cfg)
         if dist_info.is_main:  # the other ranks take rank 0's folder, below
             out_dir = _new_run_folder(out_dir)
     if dist_info.enabled:  # every rank must agree on one folder (timestamps may differ)
@@ -517,7 +516,7 @@ def _train(
         _check_creatable(out)  # a read-only disk, a parent that is a file
     if resume is None and cfg.out_dir is None and not dist_info.enabled:
         # The default folder's place: ./runs a file, or read-only (it was found after decoding).
-        _check_creatable(RUNS / f"{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+        _check_creatable(_default_out_dir(cfg))
 
     t_load = time.perf_counter()
     prep = Preprocessing()
