@@ -44,17 +44,12 @@ from training.interrupts import stops_held
 from training.model import AlexNet, AlexNetConfig, use_space_to_depth
 from training.preprocess import InputTransform, Preprocessing
 from training.recipes import TrainConfig
+from training.resume import load_resume
 from training.runlock import run_lock
 from training.runtime import Distributed, init_distributed, shutdown_distributed
 from training.warmup import warm_up
 
 log = logging.getLogger(__name__)
-
-# Settings a resumed run may change: where things are and how the run goes about its work,
-# not the weights it computes (--early-sgd and the warm-up keep them bit for bit).
-RESUME_OVERRIDABLE = {
-    "device", "data_dir", "download_root", "eval_batch_size", "gpu_warmup", "early_sgd",
-}  # fmt: skip
 
 
 @dataclass
@@ -110,18 +105,6 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def _set_lr(group: dict[str, Any], value: float, as_tensor: bool, device: torch.device) -> None:
     # A CUDA graph reads the learning rate from device memory; eager code takes a float.
     group["lr"] = torch.tensor(value, device=device) if as_tensor else value
-
-
-def _resume_config(ckpt: dict[str, Any], cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
-    saved = TrainConfig.from_dict(ckpt["config"])
-    changed = sorted(
-        k for k in explicit - RESUME_OVERRIDABLE - {"out_dir"}
-        if getattr(cfg, k) != getattr(saved, k)
-    )  # fmt: skip
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise UserError(f"{flags} cannot change when resuming; the run continues with its own")
-    return replace(saved, **{k: getattr(cfg, k) for k in explicit & RESUME_OVERRIDABLE})
 
 
 @contextmanager
@@ -274,6 +257,24 @@ def _refuse_a_used_out_dir(out_dir: Path) -> None:
         )
 
 
+def _check_out_dir_before_decoding(
+    cfg: TrainConfig, resume: Path | None, dist_info: Distributed
+) -> None:
+    """A new run's folder that cannot be used, refused before the data is decoded (minutes for
+    a large set); the folder's mkdir would only have said "File exists"."""
+    out = cfg.out_dir if resume is None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir {out} is a file; choose a folder")
+    if out is not None:
+        refuse_a_dangling_link("--out-dir", out)
+    if out is not None and not dist_info.enabled:  # under torchrun: later, rank 0's verdict
+        _refuse_a_used_out_dir(out)  # now, and again once the folder is settled
+        _check_creatable(out)  # a read-only disk, a parent that is a file
+    if resume is None and cfg.out_dir is None and not dist_info.enabled:
+        # The default folder's place: ./runs a file, or read-only (it was found after decoding).
+        _check_creatable(_default_out_dir(cfg))
+
+
 def _choose_out_dir(cfg: TrainConfig, resume: Path | None, dist_info: Distributed) -> Path:
     if resume is not None:
         out_dir = resume.parent
@@ -336,8 +337,9 @@ def train(
     """Run (or resume) a training run; rank 0 writes checkpoints and reports into out_dir.
 
     `explicit` names the settings the user passed on the command line; with `resume` only
-    those of RESUME_OVERRIDABLE may differ from the checkpoint's. `restart_best` resumes a run whose
-    best.pt is lost: the best is then tracked again from the resumed epoch on.
+    those of training.resume.RESUME_OVERRIDABLE may differ from the checkpoint's.
+    `restart_best` resumes a run whose best.pt is lost: the best is then tracked again from
+    the resumed epoch on.
     """
     hooks = hooks or TrainHooks()
     if resume is not None and resume.is_symlink():
@@ -357,6 +359,91 @@ def train(
 def _wants_warmup(device: torch.device) -> bool:
     """GPUs have one-time costs worth overlapping with the decoding (see training.warmup)."""
     return device.type == "cuda"
+
+
+def _optimizer_and_schedule(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    ckpt: dict[str, Any] | None,
+    steps_per_epoch: int,
+    graphs: bool,
+    device: torch.device,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.OneCycleLR | None]:
+    """SGD and the one-cycle schedule (None for a constant rate), at a resumed run's state."""
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:
+        _set_lr(group, float(group["lr"]), graphs, device)
+    scheduler = None
+    if cfg.schedule == "onecycle":
+        total_steps = cfg.epochs * steps_per_epoch
+        if cfg.warmup * total_steps <= 1:  # at exactly 1, OneCycleLR divides by zero
+            raise UserError(
+                f"--schedule onecycle needs a warm-up of more than 1 step, but --warmup "
+                f"{cfg.warmup} of {total_steps} steps is {cfg.warmup * total_steps:g}; train "
+                "longer (more --epochs or images, a smaller --batch-size) or raise --warmup"
+            )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total_steps,
+            pct_start=cfg.warmup,
+            cycle_momentum=False,  # momentum is baked into a CUDA graph as a constant
+        )
+        if ckpt is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+            for group, value in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                _set_lr(group, float(value), graphs, device)
+    return optimizer, scheduler
+
+
+def _train_epoch(
+    step: TrainStep,
+    scheduler: torch.optim.lr_scheduler.OneCycleLR | None,
+    epoch: int,
+    cfg: TrainConfig,
+    dist_info: Distributed,
+    hooks: TrainHooks,
+    *,
+    show_bar: bool,
+) -> tuple[float, float]:
+    """One epoch (0-based) of steps in that epoch's own order: (sum of the batches' mean
+    losses, correct predictions), over all processes."""
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist_info.rank))
+    order = epoch_order(len(step.train), epoch, cfg.seed, step.device)
+    batches = batch_slices(order, cfg.batch_size, dist_info.rank, dist_info.world_size)
+    step.reset_stats()
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not show_bar, unit="step")  # fmt: skip
+    last_epoch = epoch + 1 == cfg.epochs
+    for i, index in enumerate(batches):
+        step(index)
+        # Not past the final step: OneCycleLR has no value there (and would say so).
+        if scheduler is not None and not (last_epoch and i + 1 == len(batches)):
+            scheduler.step()
+        bar.update()
+        if hooks.on_step:
+            hooks.on_step(epoch + 1, i + 1)
+    bar.close()
+    stats = torch.stack([step.loss_sum, step.correct.float()])
+    if dist_info.enabled:
+        dist.all_reduce(stats)
+    loss_sum, correct = stats.tolist()  # waits for the epoch's last step
+    if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop here
+        raise Diverged(
+            f"the training loss became {loss_sum} in epoch {epoch + 1}: the run diverged at "
+            f"learning rate {step.optimizer.param_groups[0]['lr']:g}; start again with a "
+            "lower --lr (this epoch's weights were not saved)"
+        )
+    return loss_sum, correct
 
 
 def _train(
@@ -384,107 +471,12 @@ def _train(
         except UserError as exc:
             problem = str(exc)
     _stop_on_rank_0s_verdict(problem, dist_info)
-    # The resume's warnings once per job, not once per process (the others log warnings too).
-    warn = log.warning if dist_info.is_main else log.info
     if resume is not None:
         resumed_file = _file_identity(resume)  # before reading it: see the lock below
-        ckpt = load_checkpoint(resume)
-        if "optimizer" not in ckpt:
-            raise CheckpointError(
-                f"{resume} holds weights only (a best.pt or an export); resume from last.pt"
-            )
-        if "out_dir" in explicit and Path(cfg.out_dir or ".").resolve() != resume.parent.resolve():
-            raise UserError(
-                f"a resumed run continues in its own folder, {resume.parent}; drop --out-dir"
-            )
-        cfg = _resume_config(ckpt, cfg, explicit).validate()
-        saved_data = cfg.data_dir
-        if "data_dir" not in explicit and saved_data is not None and not saved_data.is_dir():
-            if not saved_data.is_absolute():
-                raise UserError(
-                    f"the run's --data-dir {saved_data} was relative to the folder it started "
-                    f"in and is not in {Path.cwd()}; resume from there, or pass --data-dir DIR"
-                )
-            # The user passed no --data-dir: "--data-dir ... is not a directory" left them to
-            # guess that the flag may be given again on a resume.
-            raise UserError(
-                f"the run's data folder {saved_data} (recorded in {resume.name}) is gone; "
-                "resume with --data-dir DIR, where that data is now"
-            )
-        if ckpt["epoch"] >= cfg.epochs and ckpt.get("test") is not None:
-            raise UserError(f"{resume} already finished all {cfg.epochs} epochs; nothing to resume")
-        # (All epochs done but no test result: stopped during the final evaluation; resuming
-        # runs just that.)
-        best_epoch = int(ckpt["best"]["epoch"])
-        best_file = resume.parent / "best.pt"
-        # The way on when best.pt is lost, from every refusal below.
-        way_on = (
-            f"or resume with --restart-best: best.pt then holds the best of epochs "
-            f"{ckpt['epoch']}-{cfg.epochs}"
+        # Its warnings once per job, not once per process.
+        ckpt, cfg, restart_best = load_resume(
+            resume, cfg, explicit, restart_best, main=dist_info.is_main
         )
-        on_disk: dict[str, Any] | None = None
-        lost = "missing" if best_epoch > 0 and not best_file.exists() else None
-        if best_file.exists():
-            try:
-                on_disk = dict(load_checkpoint(best_file)["best"])
-            except CheckpointError as exc:
-                lost = str(exc)
-        behind = on_disk is not None and int(on_disk["epoch"]) < best_epoch == ckpt["epoch"]
-        if restart_best and lost is None and not behind:  # it would replace good weights
-            raise UserError(f"{best_file} is fine; resume without --restart-best")
-        if behind:
-            # Versions before 2026-11-27 wrote last.pt first: a run stopped between the two
-            # writes left best.pt an epoch behind a best epoch that is last.pt's own. The best
-            # weights are last.pt's: best.pt is rebuilt from them below, the record kept.
-            warn(
-                "best.pt holds epoch %d, behind the best epoch %d that %s records and holds: "
-                "rebuilding it from %s",
-                on_disk["epoch"], best_epoch, resume.name, resume.name,
-            )  # fmt: skip
-            restart_best = True
-        elif lost is not None and best_epoch == ckpt["epoch"]:
-            # The best epoch is last.pt's own: its weights are best.pt's, and nothing is lost.
-            # best.pt is rebuilt from them below (as --restart-best does), the record kept.
-            warn(
-                "%s; it held the weights of epoch %d, which %s holds too: rebuilding it from them",
-                f"{best_file} is missing" if lost == "missing" else lost.rstrip("."),
-                best_epoch, resume.name,
-            )  # fmt: skip
-            restart_best = True
-        elif restart_best:
-            # last.pt's own weights are the best known from here on: best.pt is rewritten from
-            # them below, so a stop before the next epoch still leaves a run that resumes.
-            warn(
-                "--restart-best: the best-validation weights of epoch %d are lost; best.pt will "
-                "hold the best of epochs %d-%d", best_epoch, ckpt["epoch"], cfg.epochs,
-            )  # fmt: skip
-            last_val = ckpt["metrics"][-1]["val_acc"] if ckpt["metrics"] else -1.0
-            # since_epoch: the record says that earlier epochs were not in the running.
-            ckpt["best"] = {
-                "epoch": ckpt["epoch"],
-                "val_acc": last_val,
-                "since_epoch": ckpt["epoch"],
-            }
-        elif lost == "missing":
-            raise UserError(
-                f"{best_file} is missing: the run's best-validation weights (epoch "
-                f"{best_epoch}) are kept there; put it back beside {resume.name}, {way_on}"
-            )
-        elif lost is not None:
-            raise UserError(
-                f"{lost.rstrip('.')}; it holds the run's best-validation weights (epoch "
-                f"{best_epoch}): replace it with a good copy, {way_on}"
-            )
-        elif on_disk is not None and int(on_disk["epoch"]) != best_epoch:
-            # best.pt is written before last.pt, so a run stopped between the two writes has a
-            # best.pt one epoch ahead of last.pt's record (or, written by versions before
-            # 2026-11-27, behind a best epoch before last.pt's, whose weights are gone). The
-            # record follows what the file holds.
-            warn(
-                "best.pt holds epoch %d, last.pt records epoch %d as the best: keeping best.pt's",
-                on_disk["epoch"], best_epoch,
-            )  # fmt: skip
-            ckpt["best"] = on_disk
     # Absolute in the checkpoints: the resume command that a stopped run prints (an absolute
     # --resume path) works from any folder; a relative --data-dir used to be looked up again
     # in whatever folder the resume ran from, and refused as "not a directory".
@@ -505,18 +497,7 @@ def _train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark  # fixed shapes: tune each once
 
-    # Also before decoding; the folder's mkdir would only say "File exists".
-    out = cfg.out_dir if resume is None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise UserError(f"--out-dir {out} is a file; choose a folder")
-    if out is not None:
-        refuse_a_dangling_link("--out-dir", out)
-    if out is not None and not dist_info.enabled:  # under torchrun: below, rank 0's verdict
-        _refuse_a_used_out_dir(out)  # now, and again once the folder is settled below
-        _check_creatable(out)  # a read-only disk, a parent that is a file
-    if resume is None and cfg.out_dir is None and not dist_info.enabled:
-        # The default folder's place: ./runs a file, or read-only (it was found after decoding).
-        _check_creatable(_default_out_dir(cfg))
+    _check_out_dir_before_decoding(cfg, resume, dist_info)
 
     t_load = time.perf_counter()
     prep = Preprocessing()
@@ -579,38 +560,9 @@ def _train(
     use_space_to_depth(model, device.type == "cuda")
 
     steps_per_epoch = len(data.train) // cfg.batch_size
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
+    optimizer, scheduler = _optimizer_and_schedule(
+        model, cfg, ckpt, steps_per_epoch, graphs, device
     )
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    for group in optimizer.param_groups:
-        _set_lr(group, float(group["lr"]), graphs, device)
-    scheduler = None
-    if cfg.schedule == "onecycle":
-        total_steps = cfg.epochs * steps_per_epoch
-        if cfg.warmup * total_steps <= 1:  # at exactly 1, OneCycleLR divides by zero
-            raise UserError(
-                f"--schedule onecycle needs a warm-up of more than 1 step, but --warmup "
-                f"{cfg.warmup} of {total_steps} steps is {cfg.warmup * total_steps:g}; train "
-                "longer (more --epochs or images, a smaller --batch-size) or raise --warmup"
-            )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=cfg.lr,
-            total_steps=total_steps,
-            pct_start=cfg.warmup,
-            cycle_momentum=False,  # momentum is baked into a CUDA graph as a constant
-        )
-        if ckpt is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-            for group, value in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-                _set_lr(group, float(value), graphs, device)
 
     trained: torch.nn.Module = model
     if dist_info.enabled:
@@ -758,32 +710,9 @@ def _train(
             )
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, dist_info.rank))
-            order = epoch_order(len(data.train), epoch, cfg.seed, device)
-            batches = batch_slices(order, cfg.batch_size, dist_info.rank, dist_info.world_size)
-            step.reset_stats()
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not show_bar, unit="step")  # fmt: skip
-            last_epoch = epoch + 1 == cfg.epochs
-            for i, index in enumerate(batches):
-                step(index)
-                # Not past the final step: OneCycleLR has no value there (and would say so).
-                if scheduler is not None and not (last_epoch and i + 1 == len(batches)):
-                    scheduler.step()
-                bar.update()
-                if hooks.on_step:
-                    hooks.on_step(epoch + 1, i + 1)
-            bar.close()
-            stats = torch.stack([step.loss_sum, step.correct.float()])
-            if dist_info.enabled:
-                dist.all_reduce(stats)
-            loss_sum, correct = stats.tolist()  # waits for the epoch's last step
-            if not math.isfinite(loss_sum):  # every rank sees the same sum: all stop here
-                raise Diverged(
-                    f"the training loss became {loss_sum} in epoch {epoch + 1}: the run diverged "
-                    f"at learning rate {optimizer.param_groups[0]['lr']:g}; start again with a "
-                    "lower --lr (this epoch's weights were not saved)"
-                )
+            loss_sum, correct = _train_epoch(
+                step, scheduler, epoch, cfg, dist_info, hooks, show_bar=show_bar
+            )
             train_s = time.perf_counter() - t_epoch
             t_val = time.perf_counter()
             val = evaluate(model, transform, data.valid, data.classes,

@@ -8,8 +8,8 @@ import pytest
 
 from training.errors import UserError
 from training.recipes import FAST, TrainConfig, make_config
+from training.resume import resume_config
 from training.run import build_parser
-from training.trainer import _resume_config
 
 
 def test_seed_recipe_is_the_notebook() -> None:
@@ -104,8 +104,8 @@ def test_the_gpu_warm_up_is_on_unless_turned_off_and_a_resume_may_turn_it_off() 
     cfg = make_config("seed", gpu_warmup=off.gpu_warmup)
     assert cfg.gpu_warmup is False
     # Where the time goes, not what is computed: a resumed run may change it.
-    resumed = _resume_config({"config": make_config("seed").to_dict()}, cfg, {"gpu_warmup"})
+    resumed = resume_config({"config": make_config("seed").to_dict()}, cfg, {"gpu_warmup"})
     assert resumed.gpu_warmup is False
     # A checkpoint from before the setting existed resumes with it on.
     old = {k: v for k, v in make_config("seed").to_dict().items() if k != "gpu_warmup"}
-    assert _resume_config({"config": old}, make_config("seed"), set()).gpu_warmup is True
+    assert resume_config({"config": old}, make_config("seed"), set()).gpu_warmup is True
