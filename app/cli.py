@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -52,32 +52,47 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def unusable_api_key_flag(args: list[str]) -> str | None:
-    """What is wrong with an --api-key value that would leave the service open, if anything:
-    `--api-key "$KEY"` with KEY unset is blank, and the command line reads `null` (what
-    `jq -r .key` prints for a missing key) as no key at all. (A blank APP_API_KEY stays 'no
-    key': docker-compose.yml passes an empty one when none is set.)"""
+def _flag_values(args: list[str], flag: str) -> Iterator[str]:
+    """The values given to `flag` (any capitalisation, as the command line takes it)."""
     for i, arg in enumerate(args):
         if arg == "--":
             break
-        flag = arg.lower()  # the command line takes --API-KEY too
-        value = args[i + 1] if flag == "--api-key" and i + 1 < len(args) else None
-        if flag.startswith("--api-key="):
-            value = arg.partition("=")[2]
-        if value is not None and not value.strip():
-            return "--api-key is blank (an unset shell variable?)"
-        if value is not None and value.strip() == "null":
-            return "--api-key is null, which the command line reads as no key (a missing value?)"
+        if arg.lower() == flag and i + 1 < len(args):
+            yield args[i + 1]
+        elif arg.lower().startswith(flag + "="):
+            yield arg.partition("=")[2]
+
+
+def unusable_flag(args: list[str]) -> str | None:
+    """What is wrong with a flag whose value the command line would quietly read as "not
+    given", if anything: `--api-key "$KEY"` with KEY unset is blank, and `null` (what `jq -r
+    .key` prints for a missing key) reads as no key, both leaving the service open; a blank
+    `--checkpoint "$CKPT"` served the shipped weights/. (A blank APP_API_KEY stays 'no key':
+    docker-compose.yml passes an empty one when none is set.)"""
+    for value in _flag_values(args, "--api-key"):
+        if not value.strip():
+            return "--api-key is blank (an unset shell variable?); " + _KEY_WAYS
+        if value.strip() == "null":
+            return (
+                "--api-key is null, which the command line reads as no key (a missing value?); "
+                + _KEY_WAYS
+            )
+    for value in _flag_values(args, "--checkpoint"):
+        if not value.strip():
+            return (
+                "--checkpoint is blank (an unset shell variable?); give the model's path, or "
+                "leave the flag out to serve weights/"
+            )
     return None
+
+
+_KEY_WAYS = "give the key, or leave the flag out to serve without one"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if problem := unusable_api_key_flag(args):
-        print(
-            f"error: {problem}; give the key, or leave the flag out to serve without one",
-            file=sys.stderr,
-        )
+    if problem := unusable_flag(args):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         settings = Settings(_cli_parse_args=args)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from training.checkpoint import (
     CheckpointError,
@@ -61,10 +61,13 @@ MAX_SHARD_BYTES = 15 * 1024 * 1024
 QUANTIZATION = "int8 weight-only, symmetric, per output channel (conv and linear weights)"
 # Ours to replace in an artifact folder (the -<sha> suffix is absent from older exports).
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{12})?\.safetensors")
+_CHECKSUM_NAMED = re.compile(r"model-\d{5}-of-\d{5}-[0-9a-f]{12}\.safetensors")
 STAGING_PREFIX = ".export-"
 # What tempfile.mkdtemp(prefix=STAGING_PREFIX) names a staging folder: 8 characters of its
-# alphabet. Only these are swept as stale, not a user's own folder that shares the prefix.
+# alphabet. Only these, holding the marker file, are swept as stale: not a user's own folder
+# that shares the prefix.
 STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[a-z0-9_]{8}")
+STAGING_MARKER = ".alexnet-serve-staging"
 
 
 def sha256_file(path: Path) -> str:
@@ -176,18 +179,24 @@ def staged_artifact(
     )
     refuse_a_dangling_link("--out", out_dir)
     with ExitStack() as held:
-        with _writing_to(out_dir):
+        with writing_to(out_dir):
             out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, early
             held.enter_context(folder_lock(out_dir, busy))
+            replaced = _replaceable_shards(out_dir)
             for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
-                if STAGING_NAME.fullmatch(stale.name) and not stale.is_symlink():
+                if (
+                    STAGING_NAME.fullmatch(stale.name)
+                    and not stale.is_symlink()
+                    and (stale / STAGING_MARKER).is_file()
+                ):
                     shutil.rmtree(stale, ignore_errors=True)
             # Inside --out: the same file system (a mount point or a symlinked folder too),
             # so every move below is a rename.
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-        held.callback(shutil.rmtree, staging, ignore_errors=True)
+            held.callback(shutil.rmtree, staging, ignore_errors=True)
+            (staging / STAGING_MARKER).touch()
         shards, names, entries = _quantized_shards(ckpt["model"]["state_dict"], max_shard_bytes)
-        with _writing_to(out_dir):
+        with writing_to(out_dir):
             files = _write_shards(staging, names, shards, entries)
             index = {
                 "format": ARTIFACT_FORMAT,
@@ -211,8 +220,8 @@ def staged_artifact(
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
             total = sum(f["bytes"] for f in files.values()) + (staging / INDEX_NAME).stat().st_size
         yield ExportResult(staging, files, total)
-        with _writing_to(out_dir):
-            _install(staging, out_dir, list(files))
+        with writing_to(out_dir):
+            _install(staging, out_dir, list(files), replaced)
 
 
 def _quantized_shards(
@@ -259,7 +268,9 @@ def _write_shards(
     final_name: dict[str, str] = {}
     for draft, shard in zip(names, shards, strict=True):
         path = staging / draft
-        save_file(shard, str(path), metadata={"format": ARTIFACT_FORMAT})
+        # Serialized here, written by Python: a full disk is then an OSError (safetensors'
+        # own writer raised its SafetensorError, a traceback), and any folder name works.
+        path.write_bytes(save_safetensors(shard, metadata={"format": ARTIFACT_FORMAT}))
         path.chmod(0o644)  # readable by a container's non-root user
         digest = sha256_file(path)
         final = draft.removesuffix(".safetensors") + f"-{digest[:12]}.safetensors"
@@ -273,24 +284,48 @@ def _write_shards(
     return files
 
 
-def _install(staging: Path, out_dir: Path, shards: list[str]) -> None:
+def _replaceable_shards(out_dir: Path) -> set[str]:
+    """The shards an export into `out_dir` may remove once its own are in: those the artifact
+    there lists, and checksum-named ones that no index lists (a kill during an install left
+    them). A model.json that is not an artifact of ours is refused: its files are not ours
+    to replace (an export deleted another format's model-00001-of-00002.safetensors)."""
+    leftovers = {
+        p.name for p in out_dir.glob("model-*.safetensors") if _CHECKSUM_NAMED.fullmatch(p.name)
+    }
+    index_path = out_dir / INDEX_NAME
+    if not index_path.exists() and not index_path.is_symlink():
+        return leftovers
+    try:
+        index = json.loads(index_path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        index = None
+    if not isinstance(index, dict) or index.get("format") != ARTIFACT_FORMAT:
+        raise UserError(
+            f"{index_path} is not a model exported by this project, and an export would "
+            "replace it; choose another --out (or remove that file first)"
+        )
+    files = index.get("files")
+    listed = {n for n in files if SHARD_NAME.fullmatch(n)} if isinstance(files, dict) else set()
+    return listed | leftovers
+
+
+def _install(staging: Path, out_dir: Path, shards: list[str], replaced: set[str]) -> None:
     """Move the staged artifact into `out_dir` so that a kill at any moment leaves a folder
     that loads: the new shards go in beside the old ones (their names differ: they carry
     their checksums), then model.json is replaced in one rename (the switch), and only then
-    are the shards that nothing references any more removed. Files a user put in the folder
+    are the old shards (`replaced`) that nothing references any more removed. Other files
     (a model card) stay."""
     for name in shards:
         os.replace(staging / name, out_dir / name)
     fsync_dir(out_dir)
     os.replace(staging / INDEX_NAME, out_dir / INDEX_NAME)
     fsync_dir(out_dir)
-    for old in out_dir.iterdir():
-        if SHARD_NAME.fullmatch(old.name) and old.name not in shards:
-            old.unlink(missing_ok=True)
+    for name in replaced - set(shards):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 @contextmanager
-def _writing_to(out_dir: Path) -> Iterator[None]:
+def writing_to(out_dir: Path) -> Iterator[None]:
     """An OSError while writing the artifact (a file where the folder should be, no permission,
     a full disk) as one UserError naming the folder; errors of the caller's checks pass as they
     are."""
@@ -385,6 +420,15 @@ def _check_layout(index: dict[str, Any]) -> None:
                     )
                 if not isinstance(part.get("key"), str):
                     raise MetadataError(f"'tensors.{name}.parts.{role}' lacks a tensor key")
+                rows = part.get("rows")
+                if not (
+                    isinstance(rows, list)
+                    and len(rows) == 2
+                    and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+                ):
+                    raise MetadataError(
+                        f"'tensors.{name}.parts.{role}' lacks its rows [start, end]"
+                    )
 
 
 def verify_files(folder: Path, index: dict[str, Any]) -> None:
@@ -412,17 +456,31 @@ def load_artifact_state(folder: Path, index: dict[str, Any]) -> dict[str, torch.
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read a shard in {folder}: {exc}") from None
 
-    def gather(parts: list[dict[str, Any]]) -> torch.Tensor:
-        pieces = [shards[p["file"]][p["key"]] for p in parts]
+    def gather(name: str, parts: list[dict[str, Any]]) -> torch.Tensor:
+        pieces, at = [], 0
+        for part in parts:
+            piece = shards[part["file"]][part["key"]]
+            start, end = part["rows"]
+            # The pieces in order, each the rows it says: swapped parts of a split tensor fit
+            # together as well, and loaded other weights without a word.
+            if (start, end) != (at, at + (piece.shape[0] if piece.dim() else 1)):
+                raise CheckpointError(
+                    f"{folder}: tensor {name}'s part {part['key']} is not rows {start}-{end} "
+                    "in order; re-export the model"
+                )
+            pieces.append(piece)
+            at = end
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     state: dict[str, torch.Tensor] = {}
     for name, entry in index["tensors"].items():
         try:
             if entry["dtype"] == "int8":
-                value = dequantize(gather(entry["parts"]["int8"]), gather(entry["parts"]["scale"]))
+                value = dequantize(
+                    gather(name, entry["parts"]["int8"]), gather(name, entry["parts"]["scale"])
+                )
             else:
-                value = gather(entry["parts"]["value"])
+                value = gather(name, entry["parts"]["value"])
         except KeyError as exc:
             raise CheckpointError(
                 f"{folder}: tensor {name} is incomplete ({exc} missing)"

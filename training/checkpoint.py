@@ -325,5 +325,5 @@ def model_section(state_dict: dict[str, torch.Tensor], config: AlexNetConfig) ->
 def preprocessing_of(ckpt: dict[str, Any]) -> Preprocessing:
     try:
         return Preprocessing.from_dict(ckpt["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MetadataError(f"'preprocessing' is unusable: {exc}") from None

@@ -12,6 +12,14 @@ class UserError(Exception):
 
 def check_output_file(flag: str, path: Path) -> None:
     """Refuse an output file that cannot be written, before the work whose report it holds."""
+    if path.is_symlink():  # the write goes to the file it names (report.write_text_atomic)
+        target = Path(os.path.realpath(path))
+        if target.is_dir() or not target.parent.is_dir():
+            raise UserError(
+                f"{flag} {path} is a symbolic link to {target}, which cannot be a file (its "
+                "folder is missing, or it is a folder); choose another path"
+            )
+        path = target
     if path.is_dir() or not path.parent.is_dir():
         raise UserError(f"{flag} {path} must be a file path in an existing folder")
     if not os.access(path if path.exists() else path.parent, os.W_OK):

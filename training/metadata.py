@@ -24,7 +24,13 @@ class MetadataError(UserError):
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (JSON's 1e400 is inf; its 10**400 overflows a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _dict(value: Any, name: str) -> dict[str, Any]:

@@ -52,8 +52,8 @@ class Preprocessing:
         prep = cls(
             source_size=_whole(data["source_size"], "source_size"),
             input_size=_whole(data["input_size"], "input_size"),
-            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            mean=_numbers(data["mean"], "mean"),  # type: ignore[arg-type]
+            std=_numbers(data["std"], "std"),  # type: ignore[arg-type]
             downscale=str(data.get("downscale", cls.downscale)),
             upscale=str(data.get("upscale", cls.upscale)),
         )
@@ -72,6 +72,15 @@ class Preprocessing:
         if min(prep.std) <= 0:
             raise ValueError(f"std must be positive, not {list(prep.std)}")
         return prep
+
+
+def _numbers(value: Any, name: str) -> tuple[float, ...]:
+    # A list of numbers, as written: float() took the string "123" as (1.0, 2.0, 3.0).
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"{name} must be a list of numbers (R, G, B), not {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def _whole(value: Any, name: str) -> int:

@@ -276,6 +276,15 @@ def test_an_api_key_flag_that_would_mean_no_key_is_refused(
     expect_cli_error(args, capsys, problem, "leave the flag out")
 
 
+@pytest.mark.parametrize("args", [["--checkpoint", ""], ["--checkpoint= "], ["--CHECKPOINT", ""]])
+def test_a_blank_checkpoint_flag_is_refused(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--checkpoint "$CKPT"` with CKPT unset served the shipped weights/ without a word."""
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("it served weights/"))
+    expect_cli_error(args, capsys, "--checkpoint is blank", "leave the flag out")
+
+
 def test_an_unusable_api_key_is_one_line_that_does_not_echo_it() -> None:
     result = run_cli("-m", "app", timeout=60, env=cli_env(APP_API_KEY="s3cret-clé"))
     assert_one_line_error(result, "APP_API_KEY", "ASCII")

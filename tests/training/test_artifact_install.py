@@ -3,6 +3,7 @@ any moment leaves a folder that loads (the old artifact or the new one, never a 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_the_staging_folder_of_an_export_in_progress_is_not_removed(
     export_artifact(old, out)
     live = out / f"{artifact_module.STAGING_PREFIX}l1ve_0ne"  # as tempfile.mkdtemp names them
     live.mkdir()
+    (live / artifact_module.STAGING_MARKER).touch()  # as an export marks its own
     (live / "model-00001-of-00001.safetensors").write_bytes(b"being written")
     with folder_locked_by_another_process(out), pytest.raises(UserError, match="being written"):
         export_artifact(old, out)
@@ -132,6 +134,10 @@ def test_a_users_own_folder_named_like_staging_is_left_alone(old: dict, tmp_path
     mine = out / f"{artifact_module.STAGING_PREFIX}notes"
     mine.mkdir()
     (mine / "todo.txt").write_text("mine")
+    # A name tempfile could give, but no export's marker in it: it was deleted with its files.
+    also_mine = out / f"{artifact_module.STAGING_PREFIX}backup01"
+    also_mine.mkdir()
+    (also_mine / "notes.txt").write_text("precious")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("keep")
@@ -139,6 +145,7 @@ def test_a_users_own_folder_named_like_staging_is_left_alone(old: dict, tmp_path
     export_artifact(old, out)
     export_artifact(old, out)
     assert (mine / "todo.txt").read_text() == "mine"
+    assert (also_mine / "notes.txt").read_text() == "precious"
     assert (elsewhere / "keep.txt").read_text() == "keep"
 
 
@@ -177,23 +184,11 @@ def test_export_refuses_a_file_as_out_before_any_work(
 def test_an_export_that_loses_accuracy_is_refused_and_out_kept(
     old: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    ckpt_path = tmp_path / "last.pt"
-    torch.save(old, ckpt_path)
     out = tmp_path / "w"
     export_artifact(old, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # The checkpoint scores 50%, the artifact 49.5%: a drop of 0.5 points.
-    report = {"images": 200, "per_class": {}, "confusion": []}
-    reports = iter(
-        [
-            ({**report, "accuracy": 50.0}, torch.zeros(200)),
-            ({**report, "accuracy": 49.5}, torch.zeros(200)),
-        ]
-    )
-    classes = list(old["classes"])  # the data has the model's classes (checked before staging)
-    monkeypatch.setattr(training.data, "load_test_split", lambda *a: ([0] * 200, classes, None))
-    monkeypatch.setattr(training.engine, "evaluate_model", lambda *a, **k: next(reports))
-    code = export_module.main([str(ckpt_path), "--out", str(out), "--data-dir", str(tmp_path)])
+    code = _export_with_test_results(old, tmp_path, monkeypatch, images=200, correct=(100, 99))
     assert code == 2
     assert "loses 0.50 points of test accuracy (> --max-drop 0.2)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -226,3 +221,146 @@ def test_a_dangling_symlink_as_out_is_named(old: dict, tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "gone", target_is_directory=True)
     with pytest.raises(UserError, match=r"is a symbolic link to .*gone, which does not exist"):
         export_artifact(old, link)
+
+
+@pytest.mark.parametrize(
+    "index", ['{"modelTopology": {}}', "not json"], ids=["another-format", "not-json"]
+)
+def test_an_out_folder_with_another_formats_model_is_refused_and_kept(
+    old: dict, tmp_path: Path, index: str
+) -> None:
+    """Another format's model.json and its shards, named as ours are: an export overwrote
+    the one and deleted the others (exit 0)."""
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / INDEX_NAME).write_text(index)
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (out / name).write_bytes(b"theirs")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="is not a model exported by this project"):
+        export_artifact(old, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_export_removes_only_the_shards_of_the_artifact_it_replaces(
+    old: dict, new: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"a user's file, in no index")
+    export_artifact(new, out)
+    assert (out / "model-00001-of-00009.safetensors").read_bytes() == b"a user's file, in no index"
+    listed = set(json.loads((out / INDEX_NAME).read_text())["files"])
+    assert {p.name for p in out.glob("*.safetensors")} == listed | {
+        "model-00001-of-00009.safetensors"
+    }
+
+
+def _split(n: int) -> training.data.Split:
+    return training.data.Split(
+        torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)
+    )
+
+
+def _export_with_test_results(
+    ckpt: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    images: int,
+    correct: tuple[int, int],
+    extra: tuple[str, ...] = (),
+) -> int:
+    """training.export's main on `ckpt` with test data of `images` images, of which the
+    checkpoint gets correct[0] right and the artifact correct[1]."""
+    ckpt_path = tmp_path / "last.pt"
+    torch.save(ckpt, ckpt_path)
+    split = _split(images)
+    classes = list(ckpt["classes"])  # the data has the model's classes (checked before staging)
+    runs = iter(correct)
+
+    def evaluate_model(loaded, split, classes, **kwargs):
+        right = next(runs)
+        predictions = torch.ones(images, dtype=torch.long)
+        predictions[:right] = 0
+        report = {"accuracy": right / images * 100, "images": images, "per_class": {}}
+        return {**report, "confusion": []}, predictions
+
+    monkeypatch.setattr(training.data, "load_test_split", lambda *a: (split, classes, None))
+    monkeypatch.setattr(training.engine, "evaluate_model", evaluate_model)
+    return export_module.main(
+        [str(ckpt_path), "--out", str(tmp_path / "w"), "--data-dir", str(tmp_path), *extra]
+    )
+
+
+@pytest.mark.parametrize(
+    ("images", "correct"),
+    [((500, (500, 499))), ((10_000, (8689, 8669)))],
+    ids=["100-99.8", "86.89-86.69"],
+)
+def test_a_drop_of_exactly_max_drop_is_accepted(
+    old: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    images: int,
+    correct: tuple[int, int],
+) -> None:
+    """0.2 points is "at most --max-drop 0.2": the difference of the two percentages came out
+    a bit over it (100.0 - 99.8 = 0.20000000000000284), and the export was refused."""
+    assert (
+        _export_with_test_results(old, tmp_path, monkeypatch, images=images, correct=correct) == 0
+    )
+    assert "(+0.20 points drop)" in capsys.readouterr().out
+    drop = json.loads((tmp_path / "w" / INDEX_NAME).read_text())["export"]["accuracy_drop_points"]
+    assert drop == 0.2
+
+
+def test_the_size_limit_counts_model_json_with_its_test_report(
+    old: dict,
+    new: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The test report goes into model.json after the first size check (a confusion matrix
+    grows with the classes squared): an artifact over the limit with it was installed."""
+    out = tmp_path / "w"
+    export_artifact(new, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    size = export_artifact(old, tmp_path / "measure").total_bytes
+    monkeypatch.setattr(export_module, "TOTAL_LIMIT_BYTES", size + 1)  # until the report is in
+    assert _export_with_test_results(old, tmp_path, monkeypatch, images=10, correct=(5, 5)) == 2
+    assert f"over {size + 1:,}; {out} left as it was" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("when", ["shards", "model.json with the test report"])
+def test_a_full_disk_is_one_line_and_out_kept(
+    old: dict,
+    new: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    when: str,
+) -> None:
+    out = tmp_path / "w"
+    export_artifact(new, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if when == "shards":
+        # Where the bytes go to the disk (safetensors' own writer raised SafetensorError).
+        monkeypatch.setattr(artifact_module.Path, "write_bytes", _no_space)
+    else:
+        import training.report
+
+        monkeypatch.setattr(training.report, "write_text_atomic", _no_space)
+    assert _export_with_test_results(old, tmp_path, monkeypatch, images=10, correct=(5, 5)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: cannot write the artifact to {out}: No space left on device; choose another --out"
+    ]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -316,6 +316,21 @@ def test_evaluate_refuses_an_unwritable_predictions_file_before_evaluating(
     ]
 
 
+def test_a_predictions_file_through_a_link_to_nowhere_is_refused_up_front(tmp_path: Path) -> None:
+    """The write follows the link (report.write_text_atomic): its target's folder is missing,
+    so the predictions were lost after the whole evaluation. A link to a file that can be
+    written is fine."""
+    from training.errors import UserError, check_output_file
+
+    link = tmp_path / "p.json"
+    link.symlink_to(tmp_path / "no-such-folder" / "p.json")
+    with pytest.raises(UserError, match=r"is a symbolic link to .*no-such-folder"):
+        check_output_file("--predictions-out", link)
+    fine = tmp_path / "fine.json"
+    fine.symlink_to(tmp_path / "target.json")
+    check_output_file("--predictions-out", fine)
+
+
 @pytest.mark.parametrize("per_class", [LONG_CLASS_NAMES, SHORT_CLASS_NAMES], ids=["long", "short"])
 def test_evaluate_prints_the_per_class_accuracies_in_one_column(
     per_class: dict[str, float],

@@ -88,6 +88,11 @@ SHARED_EDITS = {
     "input-size-zero": (_set("preprocessing", "input_size", to=0), "input_size is 0"),
     "input-size-unfit": (_set("preprocessing", "input_size", to=300), "does not fit"),
     "source-size-text": (_set("preprocessing", "source_size", to="32"), "whole number"),
+    # float() read the string as (1.0, 2.0, 3.0); a huge integer overflowed it (a traceback).
+    "mean-a-string": (_set("preprocessing", "mean", to="123"), "must be a list of numbers"),
+    "mean-huge-int": (_set("preprocessing", "mean", to=[10**400] * 3), "'preprocessing' is"),
+    "dropout-huge-int": (_set("model", "args", "dropout", to=10**400), "'model.args.dropout'"),
+    "val-acc-huge-int": (_set("metrics", to=[{"val_acc": 10**400}]), "not a number"),
 }
 
 # Edits of an export's model.json alone: its shard and tensor tables.
@@ -110,6 +115,13 @@ INDEX_EDITS = {
     "part-of-unknown-shard": (
         _set("tensors", "fc3.bias", "parts", "value", 0, "file", to="other.safetensors"),
         "names a shard that 'files' does not list",
+    ),
+    "part-without-rows": (_drop("tensors", "fc3.bias", "parts", "value", 0, "rows"), "its rows"),
+    # fc1's int8 weight is split over shards: its parts swapped fit together as well, and
+    # loaded other weights without a word.
+    "parts-swapped": (
+        lambda index: index["tensors"]["fc1.1.weight"]["parts"]["int8"].reverse(),
+        "is not rows",
     ),
 }
 
