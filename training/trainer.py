@@ -456,6 +456,11 @@ def _train(
     held: ExitStack,
     restart_best: bool = False,
 ) -> RunResult:
+    """train()'s body, in order: refuse a run folder in use; read a resume's checkpoint
+    (training.resume); settle precision and CUDA graphs; check the output folder; decode the
+    data (warming the GPU up meanwhile); build the model, optimizer, schedule and step; take
+    the folder's lock; train the epochs, queueing best.pt and last.pt after each; and
+    `_finish`: the test set, the final checkpoints, the reports."""
     ckpt: dict[str, Any] | None = None
     resumed_file = None
     # A folder in use is refused first: before the data is decoded (minutes for a large set)
