@@ -371,6 +371,8 @@ def _measure_config(
 
 def _describe(exc: BaseException) -> str:
     """One line for a failed configuration: the exception's type and its first line."""
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int):  # model_alone.Resident's
+        return f"a timing process failed (exit status {exc.code}; its error is above)"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
