@@ -71,3 +71,28 @@ def test_bad_arguments_are_refused_before_any_timing(
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
     assert says in err and "Traceback" not in err
+
+
+def test_a_json_write_cut_short_leaves_the_previous_report(
+    image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json-out was written in place: a kill or a full disk mid-write left half a report.
+    (The rows are faked: only the writing is under test.)"""
+    row = train_speed.Row("a pipeline", 4, 10.0, 5)
+    monkeypatch.setattr(train_speed, "bench_notebook", lambda *args: row)
+    monkeypatch.setattr(train_speed, "bench_ours", lambda *args, **kwargs: row)
+    out = tmp_path / "speed.json"
+    out.write_text('{"rows": ["the previous run"]}')
+    real_write_text = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    argv = ["--data-dir", str(image_tree), "--device", "cpu", "--batches", "4"]
+    with pytest.raises(OSError, match="No space left"):
+        train_speed.main([*argv, "--json-out", str(out)])
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left

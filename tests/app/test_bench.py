@@ -219,11 +219,9 @@ class _FakeResident:
         pass
 
 
-def test_a_configuration_that_fails_is_recorded_and_the_others_are_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """A server killed mid-run (URLError: connection reset) lost every figure measured before
-    it: the table and --json-out were written only at the end of a clean run."""
+def _fake_service(monkeypatch: pytest.MonkeyPatch, failing_workers: int = 0) -> list[int]:
+    """serve_load with its servers, load and model timings faked (answers in microseconds);
+    the server of `failing_workers` processes fails to start. Returns the workers started."""
     monkeypatch.setattr(serve_load.model_alone, "Resident", _FakeResident)
     started: list[int] = []
 
@@ -232,7 +230,7 @@ def test_a_configuration_that_fails_is_recorded_and_the_others_are_kept(
 
     def start_server(args: object, precision: str, max_batch: int, workers: int) -> tuple:
         started.append(workers)
-        if workers == 2:
+        if workers == failing_workers:
             raise RuntimeError("server exited: killed\nsecond line of its stderr")
         return FakeProc(), "http://127.0.0.1:1"
 
@@ -245,6 +243,15 @@ def test_a_configuration_that_fails_is_recorded_and_the_others_are_kept(
     monkeypatch.setattr(serve_load, "start_server", start_server)
     monkeypatch.setattr(serve_load, "stop_server", lambda proc: None)
     monkeypatch.setattr(serve_load, "_load", load)
+    return started
+
+
+def test_a_configuration_that_fails_is_recorded_and_the_others_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server killed mid-run (URLError: connection reset) lost every figure measured before
+    it: the table and --json-out were written only at the end of a clean run."""
+    started = _fake_service(monkeypatch, failing_workers=2)
     out = tmp_path / "load.json"
     code = serve_load.main([
         "--workers", "1,2", "--concurrency", "1", "--rounds", "1", "--model-batches", "1",
@@ -265,3 +272,26 @@ def test_a_configuration_that_fails_is_recorded_and_the_others_are_kept(
     assert "| service, batching off (max_batch_size=1) | 1 |" in table
     assert "not measured: service, batching (max 32, 2 ms), 2 process(es): RuntimeError" in table
     assert not list(tmp_path.glob(".*.tmp"))  # written beside and renamed
+
+
+def test_a_write_cut_short_leaves_the_previous_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json-out was written in place: a kill or a full disk mid-write left half a report
+    where the last whole one had been. It is written beside and renamed over it."""
+    _fake_service(monkeypatch)
+    out = tmp_path / "load.json"
+    out.write_text('{"rows": ["the previous run"]}')
+    real_write_text = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        serve_load.main(["--concurrency", "1", "--rounds", "1", "--model-batches", "1",
+                         "--json-out", str(out)])  # fmt: skip
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["load.json"]  # no temporary file left

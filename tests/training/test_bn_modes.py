@@ -93,3 +93,25 @@ def test_accuracy_compares_predictions_and_labels_on_one_device(
         torch.nn.Identity(), InputTransform(), split, Precision(None, False), batch=3
     )
     assert acc == pytest.approx(75.0)
+
+
+@pytest.mark.slow
+def test_a_json_write_cut_short_leaves_the_previous_report(
+    seed_run: RunResult, image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json-out was written in place: a kill or a full disk mid-write left half a report."""
+    out = tmp_path / "modes.json"
+    out.write_text('{"rows": ["the previous run"]}')
+    real_write_text = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    argv = [str(seed_run.last), "--data-dir", str(image_tree), "--device", "cpu"]
+    with pytest.raises(OSError, match="No space left"):
+        bn_modes.main([*argv, "--json-out", str(out)])
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["modes.json"]  # no temporary file left
