@@ -20,6 +20,7 @@ import time
 import torch
 
 from app.predictor import Predictor
+from bench.cli import positive_int, positive_ints
 from bench.model_alone import add_model_arguments, served_predictor
 from training.model import use_pool_first
 
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.block_order", description=__doc__.split("\n\n")[0]
     )
     add_model_arguments(parser)
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=20, help="timed batches per order")
+    parser.add_argument("--batches", type=positive_ints, default=[1, 8, 32])
+    parser.add_argument("--rounds", type=positive_int, default=20, help="timed batches per order")
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     predictor = served_predictor(args, batches)
     device = predictor.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -33,10 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.cli import one_line_errors, write_json_atomic
 from training.artifact import checkpoint_for_inference
 from training.checkpoint import load_checkpoint_and_digest
 from training.data import Split, load_data
 from training.engine import Precision, forward_logits
+from training.errors import check_output_file
 from training.model import use_space_to_depth
 from training.preprocess import InputTransform
 from training.runtime import resolve_device
@@ -61,7 +62,9 @@ def accuracy(
     `batch`, in a shuffled order (the notebook's test loader shuffles; it matters only when a
     batch's statistics are used)."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    images, labels = split.images[order], split.labels[order]
+    # The predictions come back to the CPU; so do the labels, once: compared on the split's
+    # device (CUDA, as main moves it), the two were on different devices and the GPU run failed.
+    images, labels = split.images[order], split.labels[order].cpu()
     correct = 0
     for start in range(0, len(split), batch):
         logits = forward_logits(model, transform, images[start : start + batch], precision)
@@ -118,16 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    device = resolve_device(args.device)
-    ckpt, digest = load_checkpoint_and_digest(args.checkpoint)
-    loaded = checkpoint_for_inference(ckpt, digest, args.checkpoint)
-    config = ckpt["config"]  # the run's own validation split
-    data = load_data(
-        args.data_dir,
-        args.download_root,
-        valid_size=config["valid_size"],
-        split_seed=config["split_seed"],
-    )
+    with one_line_errors():  # a missing or foreign checkpoint, no CUDA, no data: one line
+        if args.json_out:
+            check_output_file("--json-out", args.json_out)
+        device = resolve_device(args.device)
+        ckpt, digest = load_checkpoint_and_digest(args.checkpoint)
+        loaded = checkpoint_for_inference(ckpt, digest, args.checkpoint)
+        config = ckpt["config"]  # the run's own validation split
+        data = load_data(
+            args.data_dir,
+            args.download_root,
+            valid_size=config["valid_size"],
+            split_seed=config["split_seed"],
+        )
     cuda = device.type == "cuda"
     # As training runs: fp32 weights, bf16 autocast and channels_last on CUDA.
     precision = Precision(torch.bfloat16 if cuda else None, channels_last=cuda)
@@ -158,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['test']:.2f}% | {row['test'] - rows[0]['test']:+.2f} |"
         )
     if args.json_out:
-        args.json_out.write_text(json.dumps({"device": device_name, "rows": rows}, indent=1))
+        report = {
+            "device": device_name,
+            "checkpoint": str(args.checkpoint),
+            "epoch": ckpt["epoch"],
+            "recipe": ckpt["recipe"],
+            "rows": rows,
+        }
+        write_json_atomic(args.json_out, report)
     return 0
 
 

@@ -128,7 +128,9 @@ def train(name: str, args: list[str], data: Path, work: Path, logs: Path) -> dic
     summary = json.loads((out / "summary.json").read_text())
     summary["process_wall_s"] = wall
     summary["name"] = name
-    summary["command"] = "python -m training.run " + shlex.join(args)
+    # What ran, EXTRA included (--device, --smoke's flags, --no-cuda-graphs after the
+    # fast-eager fallback): the run's own flags alone misreported the later runs.
+    summary["command"] = "python -m training.run " + shlex.join(cmd[3:])
     (logs / f"summary-{name}.json").write_text(json.dumps(summary, indent=1))
     print(f"== {name}: test {summary['test']['accuracy']:.2f}%, train {summary['train_seconds']:.1f} s, "
           f"process {wall:.1f} s", flush=True)  # fmt: skip
@@ -156,8 +158,19 @@ def _glued(argv: list[str]) -> list[str]:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
+def train_speed_command(args: argparse.Namespace, data: Path, logs: Path) -> list[str]:
+    """Step 7, bench.train_speed; with --smoke a few steps and no warm-up steps (its default
+    10 per row made the smoke run's step take minutes)."""
+    smoke = ["--steps", "2", "--notebook-steps", "1", "--warmup", "0"]
+    return [
+        sys.executable, "-m", "bench.train_speed", "--data-dir", str(data), "--device", args.device,
+        *(smoke if args.smoke else ["--steps", "50", "--notebook-steps", "30"]),
+        "--batches", "64,256", "--json-out", str(logs / "train_speed.json"),
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_session")
     parser.add_argument("--tarball", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     # A new folder by default: on a machine kept warm between calls, a fixed one held the
@@ -180,7 +193,9 @@ def main() -> int:
         help="more `seed` runs after the profile, while the budget lasts: flag sets separated "
         "by ';', e.g. '--seed 1; --seed 2'",
     )  # fmt: skip
-    args = parser.parse_args(_glued(sys.argv[1:]))
+    args = parser.parse_args(_glued(sys.argv[1:] if argv is None else argv))
+    if not args.tarball.is_file():  # before the work folder exists: none is left behind
+        parser.error(f"--tarball {args.tarball}: no such file")
     work = args.work or Path(tempfile.mkdtemp(prefix="alexnet-gpu-"))
     out = args.out
     DEADLINE[0] = args.deadline_s if args.deadline_s is not None else args.budget_s + 60
@@ -279,9 +294,7 @@ def main() -> int:
         pack()
     variants("seed", args.seed_variants, seed["train_seconds"] + 20 if seed else 75)
     if not args.skip_bench and time_left() > 45:
-        run([sys.executable, "-m", "bench.train_speed", "--data-dir", str(data), "--device", args.device,
-             "--steps", "50" if not args.smoke else "2", "--notebook-steps", "30" if not args.smoke else "1",
-             "--batches", "64,256", "--json-out", str(logs / "train_speed.json")], logs / "train_speed.txt")  # fmt: skip
+        run(train_speed_command(args, data, logs), logs / "train_speed.txt")
         pack()
 
     lines = ["", "== summary"]

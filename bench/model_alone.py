@@ -27,6 +27,7 @@ from types import TracebackType
 import torch
 
 from app.predictor import Predictor, load_predictor
+from bench.cli import fail, positive_int, positive_ints
 from training.errors import UserError
 
 
@@ -79,8 +80,10 @@ class Resident:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line:
             self.close()
-            # Its own one-line error (a bad --checkpoint, no CUDA) is on stderr above.
-            raise SystemExit(f"error: the timing process exited with code {proc.wait()}")
+            code = proc.wait()
+            if code == 2:  # its own one-line error (a bad --checkpoint, no CUDA) is above:
+                raise SystemExit(2)  # a second line would only repeat that it failed
+            raise SystemExit(f"error: the timing process exited with code {code}")
         return json.loads(line)
 
     def time(self, seconds: float) -> dict:
@@ -138,7 +141,7 @@ def served_predictor(args: argparse.Namespace, batches: list[int]) -> Predictor:
     try:
         predictor = load_predictor(args.checkpoint, args.device, args.precision)
     except UserError as exc:  # a missing or foreign checkpoint, CUDA asked for and absent
-        raise SystemExit(f"error: {exc}") from None
+        fail(str(exc))  # status 2: Resident's parent knows the reason was said
     choose = args.precision == "auto" and predictor.device.type == "cpu"
     predictor.warm_up(max(batches), choose_precision=choose)
     return predictor
@@ -167,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.model_alone", description=__doc__.split("\n\n")[0]
     )
     add_model_arguments(parser)
-    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--batches", type=positive_ints, default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--procs", type=int, default=1, help="processes running at once")
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch CPU threads (default: all cores)"
+    )
+    parser.add_argument("--procs", type=positive_int, default=1, help="processes running at once")
     parser.add_argument("--resident", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+    if args.seconds < 0:
+        parser.error(f"--seconds {args.seconds:g}: must be 0 or more")
+    batches = args.batches
     if args.resident:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.cli import fail, positive_ints
 from bench.train_speed import build_step
 from training.data import Split
 from training.engine import Precision, TrainStep
@@ -263,30 +264,46 @@ def kernels(batch: int, dev: torch.device, steps: int = 10) -> None:
                   f"({(step_ms - busy) / step_ms:.1%}), by the two clocks", flush=True)  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batches", default="64,256")
-    parser.add_argument("--sections", default="kernels,step,blocks",
+SECTIONS = ("kernels", "step", "blocks")
+
+
+def section_list(text: str) -> list[str]:
+    """`--sections`: a comma list of SECTIONS (argparse `type=`)."""
+    sections = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown section(s) {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(SECTIONS)}"
+            if unknown
+            else f"{text!r}: name at least one of {', '.join(SECTIONS)}"
+        )
+    return sections
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_step")
+    # Both checked here, before the GPU is touched: they were parsed inside the loop, so a typo
+    # failed after the GPU time of the sections before it.
+    parser.add_argument("--batches", type=positive_ints, default=[64, 256])
+    parser.add_argument("--sections", type=section_list, default=list(SECTIONS),
                         help="which to run, in this order: kernels, step, blocks")  # fmt: skip
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: bench.profile_step times CUDA kernels and needs a GPU; none here")
+        fail("bench.profile_step times CUDA kernels and needs a GPU; none here")
     torch.backends.cudnn.benchmark = True  # as the seed recipe trains
     dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
           f"cudnn {torch.backends.cudnn.version()}")  # fmt: skip
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    for batch in (int(b) for b in args.batches.split(",")):
-        for section in sections:
+    for batch in args.batches:
+        for section in args.sections:
             if section == "kernels":
                 guarded(f"kernels, batch {batch}", functools.partial(kernels, batch, dev))
             elif section == "step":
                 guarded(f"whole step, batch {batch}", functools.partial(whole_step, batch, dev))
-            elif section == "blocks":
+            else:  # "blocks": section_list admits no other
                 for cl in (True, False):
                     guarded(f"blocks, batch {batch}", functools.partial(blocks, batch, cl, dev))
-            else:
-                raise SystemExit(f"unknown section {section!r}: kernels, step or blocks")
 
 
 if __name__ == "__main__":

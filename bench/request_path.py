@@ -39,10 +39,13 @@ import torch
 
 from app.decoding import decode_upload
 from app.main import create_app, state_of
+from app.predictor import load_predictor
 from app.settings import Settings
 from app.state import ServingState
 from bench import model_alone, serve_load
+from bench.cli import fail, positive_int
 from bench.serve_load import BOUNDARY, jpeg_uploads, multipart_body
+from training.errors import UserError
 
 LEVELS = ("model alone", "batcher", "+ decoding", "the app")
 TIMEOUT_S = 60.0
@@ -204,20 +207,37 @@ def total(windows: list[Window]) -> Window:
     )  # fmt: skip
 
 
-def load_state(checkpoint: Path, device: str, precision: str, max_batch: int, delay_ms: float):
+def load_state(
+    checkpoint: Path, device: str, precision: str, max_batch: int, delay_ms: float
+) -> tuple[Any, ServingState]:
     settings = Settings(
         checkpoint=checkpoint, device=device, precision=precision,
         max_batch_size=max_batch, max_batch_delay_ms=delay_ms, max_queue=4096,
     )  # fmt: skip
     app = create_app(settings)
     state = state_of(app)
+    refused: list[UserError] = []
+
+    def load() -> None:
+        # The checkpoint is loaded here, not by load_and_warm_up (which takes the predictor
+        # it is given): a missing or foreign one is then this tool's one `error:` line, not
+        # the service's logged error followed by ours, with the path redacted.
+        try:
+            state.predictor = load_predictor(checkpoint, device, precision)
+        except UserError as exc:
+            refused.append(exc)
+            return
+        state.load_and_warm_up()
+
     # As the service does: load in a thread that ends, so that the main thread (the event
     # loop) keeps no OpenMP thread pool of its own next to the inference thread's.
-    loader = threading.Thread(target=state.load_and_warm_up, name="model-loader")
+    loader = threading.Thread(target=load, name="model-loader")
     loader.start()
     loader.join()
+    if refused:
+        fail(str(refused[0]))
     if state.status != "ok":
-        raise SystemExit(f"error: {state.detail}")
+        fail(str(state.detail))
     return app, state
 
 
@@ -277,11 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.request_path", description=__doc__.split("\n\n")[0]
     )
     model_alone.add_model_arguments(parser)
-    parser.add_argument("--concurrency", type=int, default=32, help="callers at once")
-    parser.add_argument("--batch", type=int, default=32, help="the model alone's batch size")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    # Counts checked here: `--cycles 0` failed with ZeroDivisionError after the model loaded.
+    parser.add_argument("--concurrency", type=positive_int, default=32, help="callers at once")
+    parser.add_argument(
+        "--batch", type=positive_int, default=32, help="the model alone's batch size"
+    )
+    parser.add_argument("--max-batch-size", type=positive_int, default=32)
     parser.add_argument("--delay-ms", type=float, default=2.0, help="max_batch_delay_ms")
-    parser.add_argument("--cycles", type=int, default=24, help="rounds through the levels")
+    parser.add_argument("--cycles", type=positive_int, default=24, help="rounds through the levels")
     parser.add_argument(
         "--slice", type=float, default=0.75, help="measured seconds per level and cycle"
     )
@@ -290,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         help="unmeasured seconds before each slice (the level's batches settle)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.slice <= 0 or args.slice_warmup < 0:
+        parser.error("--slice must be more than 0 and --slice-warmup 0 or more")
     if args.batch > args.max_batch_size:
         parser.error("--batch must be at most --max-batch-size (one forward pass per call)")
     app, state = load_state(

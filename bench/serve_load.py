@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import signal
 import socket
@@ -49,6 +48,8 @@ import torch
 from PIL import Image
 
 from bench import model_alone
+from bench.cli import one_line_errors, positive_int, positive_ints, write_json_atomic
+from training.errors import check_output_file
 
 BOUNDARY = "benchboundary7d3f"
 
@@ -124,7 +125,10 @@ async def _client(host: str, port: int, requests: list[bytes], offset: int, stop
             start = now
             writer.write(requests[i % len(requests)])
             i += 1
-            status = int((await reader.readline()).split()[1])
+            status_line = (await reader.readline()).split()
+            if len(status_line) < 2:  # b"": the server closed the connection (it died?)
+                raise ConnectionResetError("the server closed the connection without an answer")
+            status = int(status_line[1])
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 if line.lower().startswith(b"content-length:"):
@@ -314,13 +318,76 @@ def _summary_row(label: str, c: int, rounds: list[dict], merged: LoadResult, wor
     }  # fmt: skip
 
 
+def _measure_config(
+    args: argparse.Namespace,
+    whole: model_alone.Resident,
+    precision: str,
+    uploads: list[bytes],
+    config: tuple[str, int, int],
+) -> tuple[str, list[dict], dict]:
+    """One configuration (a server with its batching and processes) at every load level:
+    its label, its rows and its model-alone baseline."""
+    name, max_batch, workers = config
+    cpus = os.cpu_count() or 1
+    threads = args.threads or max(1, cpus // workers)
+    label = name + (f", {workers} processes x {threads} thread(s)" if workers > 1 else "")
+    rows = []
+    with ExitStack() as config_stack:
+        groups = [whole]
+        if workers > 1:  # N processes with the service's threads each: its own ceiling
+            groups.append(config_stack.enter_context(model_alone.Resident(
+                args.checkpoint, args.device, precision, args.model_batches, threads, workers
+            )))  # fmt: skip
+        proc, url = start_server(args, precision, max_batch, workers)
+        config_stack.callback(stop_server, proc)
+        host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+        requests = [http_request(host, port, u) for u in uploads]
+        levels_run = []  # per level: (concurrency, its windows, the timings after each)
+        for c in args.concurrency:
+            asyncio.run(_load(host, port, requests, c, 0.0, args.warmup))
+            results, alones = [], []
+            for _ in range(args.rounds):
+                # Load, then (the server idle) the model alone: each round's ratio
+                # compares measurements seconds apart.
+                results.append(asyncio.run(_load(
+                    host, port, requests, c, args.seconds, args.round_warmup, proc.pid
+                )))  # fmt: skip
+                alones.append([g.time(args.model_seconds) for g in groups])
+            levels_run.append((c, results, alones))
+        points = [alone for _, _, alones in levels_run for alone in alones]
+        cell = best_cell(points)
+        cell_info = {"procs": points[0][cell[0]]["procs"], "batch": cell[1]}
+        for c, results, alones in levels_run:
+            rounds = [compare(r, a, cell) for r, a in zip(results, alones, strict=True)]
+            row = _summary_row(label, c, rounds, merge(results), workers)
+            row["model_alone_cell"] = cell_info
+            rows.append(row)
+            print(f"{label}, c={c}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
+                  f"p99 {row['p99_ms']:.1f} ms, batch {row['mean_batch']:.1f}, "
+                  f"{row['ratio'][0] * 100:.0f}% of the model alone, {row['statuses']}",
+                  file=sys.stderr)  # fmt: skip
+    return label, rows, {"config": label, "points": points}
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a failed configuration: the exception's type and its first line."""
+    if isinstance(exc, SystemExit) and isinstance(exc.code, int):  # model_alone.Resident's
+        return f"a timing process failed (exit status {exc.code}; its error is above)"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve_load", description=__doc__.split("\n\n")[0]
     )
     model_alone.add_model_arguments(parser)
-    parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--rounds", type=int, default=4, help="load/model-alone pairs per level")
+    # Every list and count is checked here: `--workers 1,0` failed with ZeroDivisionError
+    # after the first configuration had been measured, and took its figures with it.
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32, 64])
+    parser.add_argument(
+        "--rounds", type=positive_int, default=4, help="load/model-alone pairs per level"
+    )
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="measured seconds of load per round"
     )
@@ -331,31 +398,39 @@ def main(argv: list[str] | None = None) -> int:
         "--round-warmup", type=float, default=1.0,
         help="unmeasured seconds of load at the start of each round (the server idled meanwhile)",
     )  # fmt: skip
-    parser.add_argument("--model-batches", default="1,8,32")
+    parser.add_argument("--model-batches", type=positive_ints, default=[1, 8, 32])
     parser.add_argument(
         "--model-seconds", type=float, default=1.0,
         help="seconds the model alone is timed per batch size, after each load window",
     )  # fmt: skip
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=positive_int, default=32)
     parser.add_argument(
         "--delay-ms", type=float, default=2.0, help="max_batch_delay_ms of the server"
     )
-    parser.add_argument("--workers", default="1", help="server process counts to try, e.g. 1,2")
-    parser.add_argument("--threads", type=int, help="--threads of the server (default: its own)")
     parser.add_argument(
-        "--decode-threads", type=int, help="--decode-threads of the server (default: its own)"
+        "--workers", type=positive_ints, default=[1], help="server process counts to try, e.g. 1,2"
     )
+    parser.add_argument(
+        "--threads", type=positive_int, help="--threads of the server (default: its own)"
+    )
+    parser.add_argument(
+        "--decode-threads", type=positive_int,
+        help="--decode-threads of the server (default: its own)",
+    )  # fmt: skip
     parser.add_argument(
         "--no-unbatched", action="store_true", help="skip the max_batch_size=1 baseline"
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.model_batches.split(",")]
-    levels = [int(c) for c in args.concurrency.split(",")]
-    workers_list = [int(w) for w in args.workers.split(",")]
+    if args.seconds <= 0 or args.model_seconds <= 0:
+        parser.error("--seconds and --model-seconds must be more than 0")
+    if args.json_out:
+        with one_line_errors():
+            check_output_file("--json-out", args.json_out)
+    batches = args.model_batches
     cpus = os.cpu_count() or 1
 
-    rows, baselines = [], []
+    rows, baselines, failures = [], [], []
     with ExitStack() as stack:
         # The model alone in one process on all cores, for every configuration; it also tells
         # the precision the service will choose (on a CPU: the faster of fp32 and bf16).
@@ -366,48 +441,24 @@ def main(argv: list[str] | None = None) -> int:
         uploads = jpeg_uploads(64)
         configs = [
             (f"service, batching (max {args.max_batch_size}, {args.delay_ms:g} ms)", args.max_batch_size, w)
-            for w in workers_list
+            for w in args.workers
         ]  # fmt: skip
         if not args.no_unbatched:
-            configs.append(("service, batching off (max_batch_size=1)", 1, workers_list[0]))
-        for name, max_batch, workers in configs:
-            threads = args.threads or max(1, cpus // workers)
-            label = name + (f", {workers} processes x {threads} thread(s)" if workers > 1 else "")
-            with ExitStack() as config_stack:
-                groups = [whole]
-                if workers > 1:  # N processes with the service's threads each: its own ceiling
-                    groups.append(config_stack.enter_context(model_alone.Resident(
-                        args.checkpoint, args.device, precision, batches, threads, workers
-                    )))  # fmt: skip
-                proc, url = start_server(args, precision, max_batch, workers)
-                config_stack.callback(stop_server, proc)
-                host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-                requests = [http_request(host, port, u) for u in uploads]
-                levels_run = []  # per level: (concurrency, its windows, the timings after each)
-                for c in levels:
-                    asyncio.run(_load(host, port, requests, c, 0.0, args.warmup))
-                    results, alones = [], []
-                    for _ in range(args.rounds):
-                        # Load, then (the server idle) the model alone: each round's ratio
-                        # compares measurements seconds apart.
-                        results.append(asyncio.run(_load(
-                            host, port, requests, c, args.seconds, args.round_warmup, proc.pid
-                        )))  # fmt: skip
-                        alones.append([g.time(args.model_seconds) for g in groups])
-                    levels_run.append((c, results, alones))
-                points = [alone for _, _, alones in levels_run for alone in alones]
-                cell = best_cell(points)
-                cell_info = {"procs": points[0][cell[0]]["procs"], "batch": cell[1]}
-                for c, results, alones in levels_run:
-                    rounds = [compare(r, a, cell) for r, a in zip(results, alones, strict=True)]
-                    row = _summary_row(label, c, rounds, merge(results), workers)
-                    row["model_alone_cell"] = cell_info
-                    rows.append(row)
-                    print(f"{label}, c={c}: {row['rps']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
-                          f"p99 {row['p99_ms']:.1f} ms, batch {row['mean_batch']:.1f}, "
-                          f"{row['ratio'][0] * 100:.0f}% of the model alone, {row['statuses']}",
-                          file=sys.stderr)  # fmt: skip
-                baselines.append({"config": label, "points": points})
+            configs.append(("service, batching off (max_batch_size=1)", 1, args.workers[0]))
+        for config in configs:
+            # One configuration's failure (a server that died, a dropped connection, a timing
+            # process gone) is recorded and the next one runs: it cost every figure before.
+            # SystemExit too: model_alone.Resident exits that way when a timing process dies.
+            try:
+                _, config_rows, baseline = _measure_config(args, whole, precision, uploads, config)
+            except (Exception, SystemExit) as exc:
+                failure = {"config": config[0], "workers": config[2], "error": _describe(exc)}
+                failures.append(failure)
+                print(f"{config[0]}, {config[2]} process(es): failed: {failure['error']}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            rows += config_rows
+            baselines.append(baseline)
 
     device = whole.info["device"]
     print(f"\ndevice: {device}, precision {precision}, torch {torch.__version__}, {cpus} CPUs, "
@@ -446,11 +497,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio[0] * 100:.0f}% ({ratio[1] * 100:.0f}-{ratio[2] * 100:.0f}%) | "
               f"{fastest[0] * 100:.0f}% ({fastest[1] * 100:.0f}-{fastest[2] * 100:.0f}%) | "
               + (f"{gap[0]:+.1f} ms ({gap[1]:+.1f} to {gap[2]:+.1f}) |" if r["concurrency"] == 1 else " |"))  # fmt: skip
+    for failure in failures:
+        print(f"\nnot measured: {failure['config']}, {failure['workers']} process(es): "
+              f"{failure['error']}")  # fmt: skip
     if args.json_out:
-        args.json_out.write_text(
-            json.dumps({"device": device, "precision": precision, "baselines": baselines, "rows": rows}, indent=1)
-        )  # fmt: skip
-    return 0
+        write_json_atomic(args.json_out, {
+            "device": device, "precision": precision, "baselines": baselines, "rows": rows,
+            "failures": failures,
+        })  # fmt: skip
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ notebook, and writes it as JSON with --json-out.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -27,8 +26,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 from torchvision import transforms
 
+from bench.cli import (
+    non_negative_int,
+    one_line_errors,
+    positive_int,
+    positive_ints,
+    write_json_atomic,
+)
 from training.data import Split, batch_slices, epoch_order, load_data
 from training.engine import Precision, TrainStep
+from training.errors import check_output_file
 from training.model import AlexNet, AlexNetConfig, use_pool_first, use_space_to_depth
 from training.preprocess import CIFAR10_MEAN, CIFAR10_STD, InputTransform
 from training.runtime import resolve_device
@@ -198,6 +205,17 @@ def bench_ours(
     return Row(", ".join(parts) + f", batch {batch}", batch, ms, len(train) // batch)
 
 
+def json_row(row: Row, baseline: Row) -> dict:
+    """A row of the table as JSON: every figure the printed table shows."""
+    return {
+        **row.__dict__,
+        "steps_per_s": row.steps_per_s,
+        "images_per_s": row.images_per_s,
+        "s_per_epoch": row.s_per_epoch,
+        "images_per_s_vs_notebook": row.images_per_s / baseline.images_per_s,
+    }
+
+
 def table(rows: list[Row], baseline: Row, device_name: str) -> str:
     head = (
         f"device: {device_name}\n\n"
@@ -221,23 +239,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--download-root", type=Path, default=Path("data"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per row")
+    # All checked before the notebook baseline runs: `--batches 64,2S6` threw its measured
+    # rows away with a ValueError, `--steps 0` failed with UnboundLocalError.
+    parser.add_argument("--steps", type=positive_int, default=100, help="timed steps per row")
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed steps per row")
     parser.add_argument(
         "--notebook-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="timed steps of the notebook row (default --steps)",
     )
-    parser.add_argument("--batches", default="64,256,512", help="batch sizes of our rows")
+    parser.add_argument(
+        "--batches", type=positive_ints, default=[64, 256, 512], help="batch sizes of our rows"
+    )
     parser.add_argument(
         "--only-best", action="store_true", help="only our fastest variant per batch size"
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    device = resolve_device(args.device)
-    data = load_data(args.data_dir, args.download_root, valid_size=0.1, split_seed=1)
+    with one_line_errors():  # no CUDA, no data, an unwritable --json-out: one line
+        if args.json_out:
+            check_output_file("--json-out", args.json_out)
+        device = resolve_device(args.device)
+        data = load_data(args.data_dir, args.download_root, valid_size=0.1, split_seed=1)
+    too_large = [b for b in args.batches if b > len(data.train)]
+    if too_large:  # bench_ours steps through whole batches of the split: it needs one at least
+        parser.error(
+            f"--batches {','.join(map(str, too_large))}: larger than the "
+            f"{len(data.train):,} training images"
+        )
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -252,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{baseline.pipeline}: {baseline.ms_per_step:.2f} ms/step", file=sys.stderr)
     gpu_train = data.train.to(device)
     fast = Precision(torch.bfloat16 if cuda else None, channels_last=cuda)
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in args.batches:
         augment = "none" if batch == 64 else "crop-flip"  # 64: the seed recipe; larger: fast
         # Each row adds one change to the one before; the last is the step as training runs it.
         variants = [(Precision(None, False), False, False, False)]
@@ -276,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, baseline, name)
     print(text)
     if args.json_out:
-        args.json_out.write_text(json.dumps({
+        write_json_atomic(args.json_out, {
             "device": name,
             "torch": str(torch.__version__),
-            "rows": [{**r.__dict__, "images_per_s": r.images_per_s, "s_per_epoch": r.s_per_epoch} for r in rows],
-        }, indent=1))  # fmt: skip
+            "rows": [json_row(r, baseline) for r in rows],
+        })  # fmt: skip
     return 0
 
 

@@ -4,9 +4,12 @@ the kernel names a Hopper GPU reports."""
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
 import torch
 
+from bench import profile_step
 from bench.profile_step import group_of, kernel_events, kernel_table, short_name
 
 NAMES = {
@@ -72,3 +75,32 @@ def test_kernel_names_lose_their_namespaces_in_the_table() -> None:
     name = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedSgdMathFunctor>"
     assert short_name(name) == "multi_tensor_apply_kernel<FusedSgdMathFunctor>"
     assert "multi_tensor_apply_kernel<FusedSgdMathFunctor>" in kernel_table([(name, 10.0)], 1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--sections", "kernels,stpe"], "unknown section(s) 'stpe'"),
+        (["--sections", ","], "name at least one of kernels, step, blocks"),
+        (["--batches", "64,2S6"], "'2S6' is not a whole number"),
+        (["--batches", "64,0"], "0 must be at least 1"),
+    ],
+)
+def test_a_bad_section_or_batch_is_refused_before_the_gpu_is_used(
+    flags: list[str], says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both were parsed inside the loop: a typo failed after the GPU time of the sections
+    before it, and an unknown section's message lacked `error:`."""
+    ran: list[str] = []
+    # A GPU as far as main can tell; any section it starts is recorded instead of run.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(profile_step, "guarded", lambda title, section: ran.append(title))
+    monkeypatch.setattr(sys, "argv", ["profile_step", *flags])
+    with pytest.raises(SystemExit) as exit_:
+        profile_step.main()
+    assert exit_.value.code == 2 and ran == []
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-1]]
+    assert says in err and "Traceback" not in err

@@ -31,10 +31,15 @@ def test_model_alone_in_two_processes_sums_their_throughput(artifact: Path) -> N
 def test_a_bad_checkpoint_is_one_line_not_a_traceback(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit, match="error: the timing process exited with code 1"):
+    """Once: the timing process says why it failed, and the parent no longer adds a second
+    `error:` line saying that it had failed."""
+    with pytest.raises(SystemExit) as exit_:
         model_alone.main(["--checkpoint", str(tmp_path / "missing"), "--seconds", "0.1"])
+    assert exit_.value.code == 2
     err = capfd.readouterr().err
-    assert f"error: checkpoint {tmp_path / 'missing'} does not exist" in err
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"error: checkpoint {tmp_path / 'missing'} does not exist; check the path"
+    ]
     assert "Traceback" not in err
 
 
@@ -164,6 +169,129 @@ def test_block_order_times_both_orders_and_finds_the_same_output(
         assert float(cells[1]) > 0 and float(cells[2]) > 0
 
 
-def test_block_order_with_a_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match=r"^error: checkpoint .*missing does not exist"):
+def test_block_order_with_a_bad_checkpoint_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
         block_order.main(["--checkpoint", str(tmp_path / "missing"), "--device", "cpu"])
+    assert exit_.value.code == 2  # as argparse and training's CLIs exit
+    assert capsys.readouterr().err.startswith("error: checkpoint ")
+
+
+def test_a_connection_closed_before_the_status_line_is_a_dropped_connection() -> None:
+    """A server that died mid-run gave an empty status line, and the client an IndexError."""
+
+    async def scenario() -> None:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)  # the request came; no answer
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        result = serve_load.LoadResult(1, 1.0)
+        async with server:
+            with pytest.raises(ConnectionResetError, match="closed the connection"):
+                await serve_load._client(
+                    "127.0.0.1", port, [b"POST / HTTP/1.1\r\n\r\n"], 0,
+                    asyncio.get_running_loop().time() + 1e9, 0.0, result,
+                )  # fmt: skip
+        assert result.statuses == {}
+
+    asyncio.run(scenario())
+
+
+class _FakeResident:
+    """model_alone.Resident without processes: a fixed timing per batch size."""
+
+    def __init__(self, checkpoint: Path, device: str, precision: str, batches: list[int],
+                 threads: int | None = None, procs: int = 1) -> None:  # fmt: skip
+        self.batches, self.procs = batches, procs
+        self.info = {"device": "cpu", "threads": 1, "precision": "fp32"}
+
+    def time(self, seconds: float) -> dict:
+        per = {b: {"ms": 10.0 * b, "images_per_s": 100.0} for b in self.batches}
+        return {**self.info, "procs": self.procs, "batches": per}
+
+    def __enter__(self) -> _FakeResident:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _fake_service(monkeypatch: pytest.MonkeyPatch, failing_workers: int = 0) -> list[int]:
+    """serve_load with its servers, load and model timings faked (answers in microseconds);
+    the server of `failing_workers` processes fails to start. Returns the workers started."""
+    monkeypatch.setattr(serve_load.model_alone, "Resident", _FakeResident)
+    started: list[int] = []
+
+    class FakeProc:
+        pid = 0
+
+    def start_server(args: object, precision: str, max_batch: int, workers: int) -> tuple:
+        started.append(workers)
+        if workers == failing_workers:
+            raise RuntimeError("server exited: killed\nsecond line of its stderr")
+        return FakeProc(), "http://127.0.0.1:1"
+
+    async def load(host: str, port: int, requests: list[bytes], concurrency: int,
+                   seconds: float, warmup: float, server_pid: int | None = None) -> serve_load.LoadResult:  # fmt: skip
+        return serve_load.LoadResult(
+            concurrency, max(seconds, 1.0), [0.01] * 5, {200: 5}, 0.1, 0.05
+        )
+
+    monkeypatch.setattr(serve_load, "start_server", start_server)
+    monkeypatch.setattr(serve_load, "stop_server", lambda proc: None)
+    monkeypatch.setattr(serve_load, "_load", load)
+    return started
+
+
+def test_a_configuration_that_fails_is_recorded_and_the_others_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server killed mid-run (URLError: connection reset) lost every figure measured before
+    it: the table and --json-out were written only at the end of a clean run."""
+    started = _fake_service(monkeypatch, failing_workers=2)
+    out = tmp_path / "load.json"
+    code = serve_load.main([
+        "--workers", "1,2", "--concurrency", "1", "--rounds", "1", "--model-batches", "1",
+        "--json-out", str(out),
+    ])  # fmt: skip
+    assert code == 1  # a configuration is missing: not a clean run
+    assert started == [1, 2, 1]  # the unbatched baseline still ran after the failure
+    report = json.loads(out.read_text())
+    assert [r["config"] for r in report["rows"]] == [
+        "service, batching (max 32, 2 ms)",
+        "service, batching off (max_batch_size=1)",
+    ]
+    assert report["failures"] == [{
+        "config": "service, batching (max 32, 2 ms)", "workers": 2,
+        "error": "RuntimeError: server exited: killed",
+    }]  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| service, batching off (max_batch_size=1) | 1 |" in table
+    assert "not measured: service, batching (max 32, 2 ms), 2 process(es): RuntimeError" in table
+    assert not list(tmp_path.glob(".*.tmp"))  # written beside and renamed
+
+
+def test_a_write_cut_short_leaves_the_previous_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json-out was written in place: a kill or a full disk mid-write left half a report
+    where the last whole one had been. It is written beside and renamed over it."""
+    _fake_service(monkeypatch)
+    out = tmp_path / "load.json"
+    out.write_text('{"rows": ["the previous run"]}')
+    real_write_text = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        serve_load.main(["--concurrency", "1", "--rounds", "1", "--model-batches", "1",
+                         "--json-out", str(out)])  # fmt: skip
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["load.json"]  # no temporary file left
