@@ -64,8 +64,8 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}(-[0-9a-f]{12})?\.safetensors")
 _CHECKSUM_NAMED = re.compile(r"model-\d{5}-of-\d{5}-[0-9a-f]{12}\.safetensors")
 STAGING_PREFIX = ".export-"
 # What tempfile.mkdtemp(prefix=STAGING_PREFIX) names a staging folder: 8 characters of its
-# alphabet. Only these, holding the marker file, are swept as stale: not a user's own folder
-# that shares the prefix.
+# alphabet. Only these, holding the marker file (or nothing but an export's files), are swept
+# as stale: not a user's own folder that shares the prefix.
 STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[a-z0-9_]{8}")
 STAGING_MARKER = ".alexnet-serve-staging"
 
@@ -184,11 +184,7 @@ def staged_artifact(
             held.enter_context(folder_lock(out_dir, busy))
             replaced = _replaceable_shards(out_dir)
             for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
-                if (
-                    STAGING_NAME.fullmatch(stale.name)
-                    and not stale.is_symlink()
-                    and (stale / STAGING_MARKER).is_file()
-                ):
+                if _stale_staging(stale):
                     shutil.rmtree(stale, ignore_errors=True)
             # Inside --out: the same file system (a mount point or a symlinked folder too),
             # so every move below is a rename.
@@ -285,28 +281,50 @@ def _write_shards(
 
 
 def _replaceable_shards(out_dir: Path) -> set[str]:
-    """The shards an export into `out_dir` may remove once its own are in: those the artifact
-    there lists, and checksum-named ones that no index lists (a kill during an install left
-    them). A model.json that is not an artifact of ours is refused: its files are not ours
-    to replace (an export deleted another format's model-00001-of-00002.safetensors)."""
-    leftovers = {
-        p.name for p in out_dir.glob("model-*.safetensors") if _CHECKSUM_NAMED.fullmatch(p.name)
-    }
+    """The shards an export into `out_dir` may remove once its own are in. Where an artifact of
+    ours is there: every shard-named file (its own, and those of an export killed at the
+    switch). Where none is: only checksum-named ones (a kill during an install left them). A
+    model.json that is not ours is refused: its files are not ours to replace (an export
+    deleted another format's model-00001-of-00002.safetensors)."""
+    shards = {p.name for p in out_dir.iterdir() if SHARD_NAME.fullmatch(p.name)}
     index_path = out_dir / INDEX_NAME
     if not index_path.exists() and not index_path.is_symlink():
-        return leftovers
-    try:
-        index = json.loads(index_path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        index = None
-    if not isinstance(index, dict) or index.get("format") != ARTIFACT_FORMAT:
-        raise UserError(
-            f"{index_path} is not a model exported by this project, and an export would "
-            "replace it; choose another --out (or remove that file first)"
-        )
-    files = index.get("files")
-    listed = {n for n in files if SHARD_NAME.fullmatch(n)} if isinstance(files, dict) else set()
-    return listed | leftovers
+        return {n for n in shards if _CHECKSUM_NAMED.fullmatch(n)}
+    way_on = "choose another --out"
+    if index_path.is_symlink() and not index_path.exists():
+        problem = f"is a symbolic link to {os.readlink(index_path)}, which does not exist"
+    else:
+        try:
+            index = json.loads(index_path.read_bytes())
+        except OSError as exc:
+            problem = f"cannot be read ({exc.strerror or exc})"
+        except (ValueError, RecursionError):
+            problem = "is not valid JSON"
+            way_on += (
+                " (if it is a damaged export of this project, remove it and the "
+                "model-*.safetensors files beside it first)"
+            )
+        else:
+            if isinstance(index, dict) and index.get("format") == ARTIFACT_FORMAT:
+                return shards
+            problem = "is not a model exported by this project, and an export would replace it"
+            way_on += " (or remove that file first)"
+    raise UserError(f"{index_path} {problem}; {way_on}")
+
+
+def _stale_staging(folder: Path) -> bool:
+    """A staging folder a killed export left: marked as ours, or (made before the marker, or
+    killed before writing it) holding nothing but shards and a model.json."""
+    if not STAGING_NAME.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / STAGING_MARKER).is_file():
+        return True
+    return all(
+        p.is_file()
+        and not p.is_symlink()
+        and (SHARD_NAME.fullmatch(p.name) or p.name == INDEX_NAME)
+        for p in folder.iterdir()
+    )
 
 
 def _install(staging: Path, out_dir: Path, shards: list[str], replaced: set[str]) -> None:

@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_total(total_bytes: int, out: Path) -> None:
+def _check_total(total_bytes: int, out: Path, what: str = "") -> None:
     if total_bytes > TOTAL_LIMIT_BYTES:
         raise UserError(
-            f"the artifact is {total_bytes:,} bytes, over {TOTAL_LIMIT_BYTES:,}; {out} left as it was"
+            f"the artifact is {total_bytes:,} bytes{what}, over {TOTAL_LIMIT_BYTES:,}; "
+            f"{out} left as it was"
         )
 
 
@@ -136,14 +137,16 @@ def _check(
     }
     with writing_to(args.out):  # a full disk: one line, and --out left as it was
         write_text_atomic(index_path, json.dumps(index, indent=1) + "\n")
-    # Again with the test report in model.json (a confusion matrix grows with the classes
-    # squared): the limit is on what is installed.
-    _check_total(
-        sum(f["bytes"] for f in staged.files.values()) + index_path.stat().st_size, args.out
-    )
     print(f"test accuracy: checkpoint {full_report['accuracy']:.2f}%, "
           f"artifact {quant_report['accuracy']:.2f}% ({drop:+.2f} points drop), "
           f"{index['export']['top1_disagreements']} of {len(split)} top-1 predictions differ")  # fmt: skip
+    # Again with the test report in model.json (a confusion matrix grows with the classes
+    # squared): the limit is on what is installed.
+    _check_total(
+        sum(f["bytes"] for f in staged.files.values()) + index_path.stat().st_size,
+        args.out,
+        f" with the test report in {INDEX_NAME}",
+    )
     max_drop = MAX_DROP if args.max_drop is None else args.max_drop
     if drop > max_drop:
         raise UserError(

@@ -74,7 +74,9 @@ def test_serve_load_measures_the_service_next_to_its_baseline(
     for row in report["rows"]:
         assert set(row["statuses"]) == {"200"}, row  # every request answered, none refused
         assert row["rps"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0
-        assert row["server_cpu_ms"] >= row["event_loop_cpu_ms"] > 0
+        # The event loop's share may read 0: thread CPU time comes in 10 ms clock ticks, and
+        # a 0.6 s window on 2 busy cores can give it fewer (it failed so, now and then).
+        assert row["server_cpu_ms"] > 0 and row["server_cpu_ms"] >= row["event_loop_cpu_ms"] >= 0
         assert len(row["rounds"]) == 2 and all(r["model_alone_best"] > 0 for r in row["rounds"])
         median, low, high = row["ratio"]
         assert 0 < low <= median <= high

@@ -224,36 +224,59 @@ def test_a_dangling_symlink_as_out_is_named(old: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "index", ['{"modelTopology": {}}', "not json"], ids=["another-format", "not-json"]
+    ("index", "message"),
+    [
+        ('{"modelTopology": {}}', "is not a model exported by this project"),
+        ("not json", "is not valid JSON; choose another --out (if it is a damaged export"),
+        (None, "is a symbolic link to"),
+    ],
+    ids=["another-format", "not-json", "link-to-nothing"],
 )
 def test_an_out_folder_with_another_formats_model_is_refused_and_kept(
-    old: dict, tmp_path: Path, index: str
+    old: dict, tmp_path: Path, index: str | None, message: str
 ) -> None:
     """Another format's model.json and its shards, named as ours are: an export overwrote
     the one and deleted the others (exit 0)."""
     out = tmp_path / "w"
     out.mkdir()
-    (out / INDEX_NAME).write_text(index)
+    if index is None:
+        (out / INDEX_NAME).symlink_to(tmp_path / "gone.json")
+    else:
+        (out / INDEX_NAME).write_text(index)
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         (out / name).write_bytes(b"theirs")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UserError, match="is not a model exported by this project"):
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.exists()}
+    with pytest.raises(UserError) as refused:
         export_artifact(old, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert message in str(refused.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.exists()} == before
 
 
-def test_an_export_removes_only_the_shards_of_the_artifact_it_replaces(
+def test_shards_an_export_killed_at_the_switch_left_go_with_the_next_export(
     old: dict, new: dict, tmp_path: Path
 ) -> None:
+    """Killed after model.json switched, before the old shards went: the shipped weights/ has
+    shards named without a checksum, which the next export must still remove (58 MB)."""
     out = tmp_path / "w"
     export_artifact(old, out)
-    (out / "model-00001-of-00009.safetensors").write_bytes(b"a user's file, in no index")
+    (out / "model-00001-of-00004.safetensors").write_bytes(b"an older export's shard")
     export_artifact(new, out)
-    assert (out / "model-00001-of-00009.safetensors").read_bytes() == b"a user's file, in no index"
     listed = set(json.loads((out / INDEX_NAME).read_text())["files"])
-    assert {p.name for p in out.glob("*.safetensors")} == listed | {
-        "model-00001-of-00009.safetensors"
-    }
+    assert {p.name for p in out.glob("*.safetensors")} == listed
+
+
+def test_a_staging_folder_left_without_its_marker_is_swept(old: dict, tmp_path: Path) -> None:
+    """Left by an export killed before it wrote the marker, or by a version without one: it
+    holds nothing but an export's files (a 15 MB shard)."""
+    out = tmp_path / "w"
+    export_artifact(old, out)
+    for name, content in (("backup01", None), ("5fg293ei", b"shard")):
+        folder = out / f"{artifact_module.STAGING_PREFIX}{name}"
+        folder.mkdir()
+        if content:
+            (folder / "model-00001-of-00004.safetensors").write_bytes(content)
+    export_artifact(old, out)
+    assert not list(out.glob(f"{artifact_module.STAGING_PREFIX}*"))
 
 
 def _split(n: int) -> training.data.Split:
