@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,28 +15,27 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from training.errors import UserError
+from training.report import write_text_atomic
+
+
+def _int_at_least(text: str, low: int, words: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be {words}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer of at least 1 (argparse `type=`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+    return _int_at_least(text, 1, "at least 1")
 
 
 def non_negative_int(text: str) -> int:
     """An integer of at least 0 (argparse `type=`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+    return _int_at_least(text, 0, "0 or more")
 
 
 def positive_ints(text: str) -> list[int]:
@@ -68,15 +66,6 @@ def one_line_errors() -> Iterator[None]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """`obj` as JSON in `path`, whole or not at all: written to a temporary file beside it and
-    renamed over it, so a kill or a full disk mid-write leaves the previous report intact."""
-    text = json.dumps(obj, indent=1)
-    # A fixed name beside the target (not mkstemp's): opened normally, it gets the umask's
-    # permissions, as the report written in place did.
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """`obj` as JSON in `path`, whole or not at all (training.report.write_text_atomic): a
+    kill or a full disk mid-write leaves the previous report intact."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
