@@ -181,6 +181,30 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     return lines[0]
 
 
+def assert_a_cut_short_report_keeps_the_last(
+    out: Path, monkeypatch: Any, write_the_report: Callable[[], object]
+) -> None:
+    """`write_the_report()` writes JSON to `out`; a disk that fills halfway through the write
+    (OSError) must leave the previous report whole and no temporary file beside it."""
+    import json
+
+    import pytest
+
+    out.write_text('{"rows": ["the previous run"]}')
+    real_write_text = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        write_the_report()
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+
+
 # Class names for the per-class listings of the command lines: one longer than the 12
 # characters they were once padded to, and short ones.
 LONG_CLASS_NAMES = {"cat": 50.0, "a-rather-long-class-name": 100.0, "dog": 7.5}

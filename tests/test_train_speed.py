@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import train_speed
+from tests.helpers import assert_a_cut_short_report_keeps_the_last
 
 
 @pytest.mark.slow
@@ -82,17 +83,7 @@ def test_a_json_write_cut_short_leaves_the_previous_report(
     monkeypatch.setattr(train_speed, "bench_notebook", lambda *args: row)
     monkeypatch.setattr(train_speed, "bench_ours", lambda *args, **kwargs: row)
     out = tmp_path / "speed.json"
-    out.write_text('{"rows": ["the previous run"]}')
-    real_write_text = Path.write_text
-
-    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
-        real_write_text(self, text[: len(text) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", cut_short)
     argv = ["--data-dir", str(image_tree), "--device", "cpu", "--batches", "4"]
-    with pytest.raises(OSError, match="No space left"):
-        train_speed.main([*argv, "--json-out", str(out)])
-    monkeypatch.undo()
-    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
-    assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
+    assert_a_cut_short_report_keeps_the_last(
+        out, monkeypatch, lambda: train_speed.main([*argv, "--json-out", str(out)])
+    )

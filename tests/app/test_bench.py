@@ -13,6 +13,7 @@ import pytest
 from app.main import create_app
 from app.settings import Settings
 from bench import block_order, model_alone, request_path, serve_load
+from tests.helpers import assert_a_cut_short_report_keeps_the_last
 
 
 @pytest.mark.slow
@@ -283,17 +284,5 @@ def test_a_write_cut_short_leaves_the_previous_report(
     where the last whole one had been. It is written beside and renamed over it."""
     _fake_service(monkeypatch)
     out = tmp_path / "load.json"
-    out.write_text('{"rows": ["the previous run"]}')
-    real_write_text = Path.write_text
-
-    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
-        real_write_text(self, text[: len(text) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", cut_short)
-    with pytest.raises(OSError, match="No space left"):
-        serve_load.main(["--concurrency", "1", "--rounds", "1", "--model-batches", "1",
-                         "--json-out", str(out)])  # fmt: skip
-    monkeypatch.undo()
-    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
-    assert [p.name for p in tmp_path.iterdir()] == ["load.json"]  # no temporary file left
+    argv = ["--concurrency", "1", "--rounds", "1", "--model-batches", "1", "--json-out", str(out)]
+    assert_a_cut_short_report_keeps_the_last(out, monkeypatch, lambda: serve_load.main(argv))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import bn_modes
+from tests.helpers import assert_a_cut_short_report_keeps_the_last
 from training.engine import Precision
 from training.model import AlexNet, AlexNetConfig
 from training.preprocess import InputTransform
@@ -101,17 +102,7 @@ def test_a_json_write_cut_short_leaves_the_previous_report(
 ) -> None:
     """--json-out was written in place: a kill or a full disk mid-write left half a report."""
     out = tmp_path / "modes.json"
-    out.write_text('{"rows": ["the previous run"]}')
-    real_write_text = Path.write_text
-
-    def cut_short(self: Path, text: str, *args: object, **kwargs: object) -> int:
-        real_write_text(self, text[: len(text) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", cut_short)
     argv = [str(seed_run.last), "--data-dir", str(image_tree), "--device", "cpu"]
-    with pytest.raises(OSError, match="No space left"):
-        bn_modes.main([*argv, "--json-out", str(out)])
-    monkeypatch.undo()
-    assert json.loads(out.read_text()) == {"rows": ["the previous run"]}
-    assert [p.name for p in tmp_path.iterdir()] == ["modes.json"]  # no temporary file left
+    assert_a_cut_short_report_keeps_the_last(
+        out, monkeypatch, lambda: bn_modes.main([*argv, "--json-out", str(out)])
+    )
