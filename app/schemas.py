@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ClassScore(BaseModel):
@@ -73,6 +73,10 @@ class Batching(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    # `model_args` is the checkpoint's own key; pydantic before 2.10 reserved the `model_`
+    # prefix and warned about it at import.
+    model_config = ConfigDict(protected_namespaces=())
+
     architecture: str
     model_args: dict[str, Any]
     classes: list[str]

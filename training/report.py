@@ -180,7 +180,8 @@ def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], t
             matplotlib.rc_context({"font.family": families, "text.parse_math": False}),
             warnings.catch_warnings(),  # one warning above, not one per character
         ):
-            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+            # "missing from font(s) ..."; before matplotlib 3.10, "missing from current font."
+            warnings.filterwarnings("ignore", "Glyph .* missing from", UserWarning)
             _draw_confusion(plt, path, confusion, classes, title)
 
 

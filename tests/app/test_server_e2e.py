@@ -157,7 +157,7 @@ def test_vanishing_clients_do_not_break_their_batch_mates(
     expected = reference.probs(*uploads).double()
     half = predict_batch_request(server, [1, 2, 3])
     full = predict_batch_request(server, [4, 5])
-    barrier = threading.Barrier(len(uploads) + 2)
+    barrier = threading.Barrier(len(uploads) + 2, timeout=60)
 
     def good(i: int) -> httpx.Response:
         barrier.wait()
