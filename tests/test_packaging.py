@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -17,9 +18,9 @@ def lower_bounds(lines: list[str]) -> dict[str, Version]:
     bounds = {}
     for line in lines:
         requirement = Requirement(line)
-        (bound,) = [s.version for s in requirement.specifier if s.operator == ">="] or [None]
-        assert bound is not None, f"{line!r} has no lower bound for .ci/lowest.txt to pin"
-        bounds[canonicalize_name(requirement.name)] = Version(bound)
+        at_least = [s.version for s in requirement.specifier if s.operator == ">="]
+        assert len(at_least) == 1, f"{line!r} needs one lower bound for .ci/lowest.txt to pin"
+        bounds[canonicalize_name(requirement.name)] = Version(at_least[0])
     return bounds
 
 
@@ -51,3 +52,5 @@ def test_the_comparison_sees_a_bound_moved_without_its_pin() -> None:
         "uvloop": Version("0.19"),
     }
     assert pins("pillow==10.0.0  # old\n\nuvloop==0.19.0\n") != lower_bounds(["pillow>=10.3"])
+    with pytest.raises(AssertionError, match="needs one lower bound"):
+        lower_bounds(["torch<=2.14.1"])
