@@ -322,6 +322,13 @@ def _stop_on_rank_0s_verdict(problem: str | None, dist_info: Distributed) -> Non
         box = [problem]
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
+        if problem is not None:
+            # Every rank leaves here, straight into destroy_process_group, which on PyTorch
+            # 2.4 and 2.5 (not 2.11 or 2.14) could deadlock: it joins gloo's worker thread
+            # holding the GIL while the worker, freeing the broadcast's tensors, waits for the
+            # GIL. The rank hung until torchrun's SIGKILL, its message unprinted. A barrier
+            # waits, with the GIL released, until the worker is done with the broadcast.
+            dist.barrier()
     if problem is not None:
         raise UserError(problem)
 
