@@ -180,7 +180,7 @@ def plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], t
             matplotlib.rc_context({"font.family": families, "text.parse_math": False}),
             warnings.catch_warnings(),  # one warning above, not one per character
         ):
-            # "missing from font(s) ..."; before matplotlib 3.10, "missing from current font."
+            # "missing from font(s) ..."; before matplotlib 3.9, "missing from current font."
             warnings.filterwarnings("ignore", "Glyph .* missing from", UserWarning)
             _draw_confusion(plt, path, confusion, classes, title)
 

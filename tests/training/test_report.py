@@ -182,7 +182,7 @@ def test_characters_that_no_font_has_are_one_warning(
     "message",
     [
         "Glyph 29483 (\\N{CJK UNIFIED IDEOGRAPH-732B}) missing from font(s) DejaVu Sans.",
-        # matplotlib before 3.10 (3.8 is the oldest pyproject.toml admits)
+        # matplotlib before 3.9 (3.8 is the oldest pyproject.toml admits)
         "Glyph 29483 (\\N{CJK UNIFIED IDEOGRAPH-732B}) missing from current font.",
     ],
 )
